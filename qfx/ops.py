@@ -1,0 +1,76 @@
+"""qfx custom ops (torch.library): the quantized linear that converted graphs call.
+
+Each op has a reference implementation in plain PyTorch (runs on any device, is what the
+CPU executes and what kernels are tested against) and a fake implementation so graphs
+holding it trace, compile and export.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qfx import primitives as P
+
+# Activation bits value meaning "activations are not quantized".
+NO_ACT_QUANT = 16
+
+
+@torch.library.custom_op("qfx::quantized_linear", mutates_args=())
+def quantized_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    w_bits: int,
+    group_size: int,
+    in_features: int,
+    a_bits: int,
+    a_scale: torch.Tensor | None,
+) -> torch.Tensor:
+    """y = act_quant(x) @ dequant(W)^T + bias, in x's dtype.
+
+    x: (..., K) float. qweight: (N, ceil(K/8)*w_bits) uint8 packed codes (`P.pack`), or
+    (N, K) float8_e4m3fn. w_scale: (N, G) with G = ceil(K/group_size) (group_size 0: G = 1,
+    per channel). w_zero: (N, G) uint8 zero points, None when symmetric. a_bits: 16 for no
+    activation quantization; otherwise symmetric int (or fp8 when qweight is fp8), per
+    token when a_scale is None, else with the static per-tensor scale a_scale (scalar).
+    """
+    return quantized_linear_ref(x, qweight, w_scale, w_zero, bias, w_bits, group_size, in_features, a_bits, a_scale)
+
+
+@quantized_linear.register_fake
+def _(x, qweight, w_scale, w_zero, bias, w_bits, group_size, in_features, a_bits, a_scale):
+    torch._check(x.shape[-1] == in_features, lambda: f"quantized_linear: x has {x.shape[-1]} features, expected {in_features}")
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+def dequantize_packed(qweight, w_scale, w_zero, w_bits: int, group_size: int, in_features: int) -> torch.Tensor:
+    """Float32 weight (N, K) from the op's stored form."""
+    if qweight.dtype == P.FP8_DTYPE:
+        return qweight.float() * w_scale.float()
+    codes = P.unpack(qweight, w_bits, in_features)
+    return P.dequantize_weight(codes, w_scale.float(), w_zero, w_bits, group_size or None)
+
+
+def fake_quantize_activation(x: torch.Tensor, a_bits: int, a_scale: torch.Tensor | None, fp8: bool) -> torch.Tensor:
+    """The activation values the quantized matmul sees, as float32."""
+    if fp8:
+        scale = P.fp8_scale(x.float().abs().amax(-1, keepdim=True)) if a_scale is None else a_scale.float()
+        return P.fp8_quantize(x, scale).float() * scale
+    if a_scale is None:
+        q, scale = P.quantize_per_token(x, a_bits)
+        return q.float() * scale
+    return P.quantize_per_tensor_static(x, a_scale.float(), a_bits).float() * a_scale.float()
+
+
+def quantized_linear_ref(x, qweight, w_scale, w_zero, bias, w_bits, group_size, in_features, a_bits, a_scale):
+    """Plain-PyTorch reference for `qfx::quantized_linear` (see its docstring)."""
+    w = dequantize_packed(qweight, w_scale, w_zero, w_bits, group_size, in_features)
+    if a_bits == NO_ACT_QUANT:
+        return torch.nn.functional.linear(x, w.to(x.dtype), bias)
+    xq = fake_quantize_activation(x, a_bits, a_scale, fp8=qweight.dtype == P.FP8_DTYPE)
+    y = xq @ w.T  # float32 accumulation, as integer/fp8 GEMMs accumulate exactly or in fp32
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

@@ -1,0 +1,192 @@
+"""Pure quantization math, used by observers, passes, ops and kernel references alike.
+
+Conventions (the GPTQ / compressed-tensors ones):
+- Integer codes are stored unsigned, u in [0, 2^bits - 1].
+- Asymmetric: w ~ (u - z) * s with an integer zero point z in the same range.
+- Symmetric: w ~ (u - 2^(bits-1)) * s, i.e. signed q = u - 2^(bits-1) in [-2^(b-1), 2^(b-1)-1],
+  with s = max|w| / ((qmax - qmin) / 2) (torchao's choice: the full signed range is used).
+- Groups run along the last (input-feature) dimension; a group size that does not divide it
+  leaves a shorter last group. Ranges always include 0, so zero padding never changes them.
+- Packing: `bits` in 2..8, along the last dimension, little-endian bit stream: every 8 codes
+  become `bits` bytes. For 2, 4 and 8 bits this is the plain layout (byte = c0 | c1 << 4 ...).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+_EPS = 1e-12
+
+
+def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Signed range (symmetric) or unsigned code range (asymmetric) for `bits`."""
+    if symmetric:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def n_groups(in_features: int, group_size: int) -> int:
+    return math.ceil(in_features / group_size)
+
+
+def to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(..., K) -> (..., G, group_size), zero-padding the last group when K % group_size != 0."""
+    k = w.shape[-1]
+    pad = n_groups(k, group_size) * group_size - k
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad))
+    return w.reshape(*w.shape[:-1], -1, group_size)
+
+
+def from_groups(wg: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Inverse of `to_groups`: (..., G, g) -> (..., K)."""
+    return wg.reshape(*wg.shape[:-2], -1)[..., :in_features]
+
+
+def choose_qparams(
+    x_min: torch.Tensor, x_max: torch.Tensor, bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (float32) and zero point (uint8, asymmetric only) from a range.
+
+    The range is widened to contain 0. Symmetric: zero is None.
+    """
+    x_min = torch.clamp(x_min.float(), max=0.0)
+    x_max = torch.clamp(x_max.float(), min=0.0)
+    qmin, qmax = qrange(bits, symmetric)
+    if symmetric:
+        amax = torch.maximum(-x_min, x_max)
+        scale = torch.clamp(amax / ((qmax - qmin) / 2), min=_EPS)
+        return scale, None
+    scale = torch.clamp((x_max - x_min) / (qmax - qmin), min=_EPS)
+    zero = torch.clamp(torch.round(qmin - x_min / scale), qmin, qmax).to(torch.uint8)
+    return scale, zero
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Float -> unsigned codes (uint8). `scale`/`zero` broadcast against `x`."""
+    q = torch.round(x.float() / scale)
+    if zero is None:
+        half = 1 << (bits - 1)
+        return (torch.clamp(q, -half, half - 1) + half).to(torch.uint8)
+    return torch.clamp(q + zero.float(), 0, (1 << bits) - 1).to(torch.uint8)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Unsigned codes -> float32: (u - z) * s, z = 2^(bits-1) when symmetric."""
+    z = float(1 << (bits - 1)) if zero is None else zero.float()
+    return (codes.float() - z) * scale
+
+
+def weight_qparams(
+    w: torch.Tensor, bits: int, symmetric: bool, group_size: int | None, clip_ratio: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Min-max qparams of a weight (N, K). group_size None = one group per row (per channel).
+
+    Returns scale (N, G) float32 and zero (N, G) uint8 or None.
+    """
+    g = w.shape[-1] if group_size is None else group_size
+    wg = to_groups(w.float(), g)
+    return choose_qparams(wg.amin(-1) * clip_ratio, wg.amax(-1) * clip_ratio, bits, symmetric)
+
+
+def quantize_weight(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group_size: int | None
+) -> torch.Tensor:
+    """Weight (N, K) -> codes (N, K) uint8 with per-group qparams (N, G)."""
+    k = w.shape[-1]
+    g = k if group_size is None else group_size
+    zg = None if zero is None else zero.unsqueeze(-1)
+    return from_groups(quantize(to_groups(w, g), scale.unsqueeze(-1), zg, bits), k)
+
+
+def dequantize_weight(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group_size: int | None
+) -> torch.Tensor:
+    """Codes (N, K) -> float32 weight (N, K)."""
+    k = codes.shape[-1]
+    g = k if group_size is None else group_size
+    zg = None if zero is None else zero.unsqueeze(-1)
+    return from_groups(dequantize(to_groups(codes, g), scale.unsqueeze(-1), zg, bits), k)
+
+
+def fake_quantize_weight(
+    w: torch.Tensor, bits: int, symmetric: bool, group_size: int | None, clip_ratio: float = 1.0
+) -> torch.Tensor:
+    """Quantize then dequantize a weight with min-max qparams (float32 result)."""
+    scale, zero = weight_qparams(w, bits, symmetric, group_size, clip_ratio)
+    return dequantize_weight(quantize_weight(w, scale, zero, bits, group_size), scale, zero, bits, group_size)
+
+
+# -- activations ------------------------------------------------------------------------
+
+
+def quantize_per_token(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric dynamic per-token int quantization of x (..., K).
+
+    Returns signed codes (..., K) int8 and scales (..., 1) float32: x ~ q * s.
+    """
+    qmin, qmax = qrange(bits, True)
+    amax = x.float().abs().amax(-1, keepdim=True)
+    scale = torch.clamp(amax / ((qmax - qmin) / 2), min=_EPS)
+    q = torch.clamp(torch.round(x.float() / scale), qmin, qmax).to(torch.int8)
+    return q, scale
+
+
+def quantize_per_tensor_static(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric int quantization of x with a fixed scale; signed int8 codes."""
+    qmin, qmax = qrange(bits, True)
+    return torch.clamp(torch.round(x.float() / scale), qmin, qmax).to(torch.int8)
+
+
+def fp8_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale saturated to the e4m3 range and cast to float8_e4m3fn."""
+    return torch.clamp(x.float() / scale, -FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
+    """Scale that maps |x| <= amax onto the e4m3 range."""
+    return torch.clamp(amax.float() / FP8_MAX, min=_EPS)
+
+
+# -- packing ----------------------------------------------------------------------------
+
+
+def packed_width(in_features: int, bits: int) -> int:
+    """Bytes per row after packing `in_features` codes of `bits` bits."""
+    return math.ceil(in_features / 8) * bits
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes (..., K) uint8 < 2^bits -> packed (..., ceil(K/8)*bits) uint8.
+
+    Each run of 8 codes becomes one 8*bits-bit little-endian word split into `bits` bytes.
+    """
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"pack expects uint8 codes, got {codes.dtype}")
+    k = codes.shape[-1]
+    pad = (-k) % 8
+    c = torch.nn.functional.pad(codes, (0, pad)).to(torch.int64).reshape(*codes.shape[:-1], -1, 8)
+    shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * bits
+    word = (c << shifts).sum(-1, keepdim=True)  # (..., K/8, 1), < 2^(8*bits) <= 2^64
+    byte_shifts = torch.arange(bits, device=codes.device, dtype=torch.int64) * 8
+    out = (word >> byte_shifts) & 0xFF  # (..., K/8, bits)
+    return out.to(torch.uint8).reshape(*codes.shape[:-1], -1)
+
+
+def unpack(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Inverse of `pack`: (..., ceil(K/8)*bits) uint8 -> codes (..., K) uint8."""
+    if bits in (2, 4, 8):  # whole codes per byte: shift and mask in uint8, no 64-bit words
+        per_byte = 8 // bits
+        shifts = torch.arange(per_byte, device=packed.device, dtype=torch.uint8) * bits
+        codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(*packed.shape[:-1], -1)[..., :in_features]
+    p = packed.to(torch.int64).reshape(*packed.shape[:-1], -1, bits)
+    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
+    word = (p << byte_shifts).sum(-1, keepdim=True)
+    shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
+    codes = (word >> shifts) & ((1 << bits) - 1)
+    return codes.to(torch.uint8).reshape(*packed.shape[:-1], -1)[..., :in_features]
