@@ -1,0 +1,24 @@
+"""qfx: post-training quantization of causal language models as torch.fx graph passes."""
+
+from qfx import ops as _ops  # noqa: F401  (registers the qfx:: custom ops)
+from qfx.api import QuantizeError, convert, needs_calibration, prepare, quantize
+from qfx.calibrate import calibrate
+from qfx.capture import CaptureError, capture, decoder_blocks
+from qfx.config import ConfigError, LayerRule, QuantSpec, Recipe
+from qfx.lowering import backend as _backend  # noqa: F401  (registers torch.compile backend "qfx")
+
+__all__ = [
+    "CaptureError",
+    "ConfigError",
+    "LayerRule",
+    "QuantSpec",
+    "QuantizeError",
+    "Recipe",
+    "calibrate",
+    "capture",
+    "convert",
+    "decoder_blocks",
+    "needs_calibration",
+    "prepare",
+    "quantize",
+]

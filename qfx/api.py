@@ -1,0 +1,77 @@
+"""prepare / convert / quantize: the three ways of running a recipe, as lists of named steps."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch.fx import GraphModule
+
+from qfx.calibrate import calibrate
+from qfx.capture import capture, linear_nodes
+from qfx.config import ConfigError, Recipe
+from qfx.passes import counts
+from qfx.passes.annotate_linears import annotate_linears
+from qfx.passes.canonicalize_linears import canonicalize_linears
+from qfx.passes.insert_observers import insert_observers
+from qfx.passes.quantize_linears import quantize_linears
+
+
+class QuantizeError(RuntimeError):
+    """A model or input that the recipe cannot be applied to."""
+
+
+def prepare(
+    model: torch.nn.Module | GraphModule,
+    recipe: Recipe | str,
+    example_inputs: tuple | None = None,
+    dtype: torch.dtype | None = None,
+) -> GraphModule:
+    """Capture `model` (unless it is a GraphModule already) and insert the recipe's observers.
+
+    Returns a GraphModule computing the same function; run calibration batches through it
+    (only needed when `needs_calibration(prepared)`), then `convert` it.
+    """
+    recipe = Recipe.parse(recipe) if isinstance(recipe, str) else recipe
+    gm = model if isinstance(model, GraphModule) else capture(model, example_inputs, dtype=dtype)
+    gm = canonicalize_linears(gm)
+    if not linear_nodes(gm):
+        raise QuantizeError(
+            f"{gm.meta.get('qfx', {}).get('source', {}).get('class', type(model).__name__)} has no linear layers "
+            "with parameter weights; qfx quantizes linear / Conv1D projections"
+        )
+    gm = annotate_linears(gm, recipe)
+    gm = insert_observers(gm)
+    gm.meta["qfx"]["recipe"] = recipe.to_dict()
+    return gm
+
+
+def needs_calibration(prepared: GraphModule) -> bool:
+    return counts(prepared).get("insert_observers", 0) > 0
+
+
+def convert(prepared: GraphModule) -> GraphModule:
+    """Replace planned linears with qfx ops holding packed weights (consumes observers)."""
+    if "recipe" not in prepared.meta.get("qfx", {}):
+        raise QuantizeError("convert() takes the GraphModule returned by qfx.prepare()")
+    return quantize_linears(prepared)
+
+
+def quantize(
+    model: torch.nn.Module,
+    recipe: Recipe | str,
+    calib: Iterable[torch.Tensor] | None = None,
+    example_inputs: tuple | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> GraphModule:
+    """One call: prepare, calibrate (when the recipe needs it), convert.
+
+    calib: batches of token ids (B, S) (see `qfx.data.calibration_batches` for text).
+    """
+    prepared = prepare(model, recipe, example_inputs, dtype=dtype)
+    if needs_calibration(prepared):
+        if calib is None:
+            raise ConfigError("this recipe has static activation scales and needs calibration data: pass calib=")
+        calibrate(prepared, calib, progress=progress)
+    return convert(prepared)

@@ -1,0 +1,205 @@
+"""Model -> torch.fx.GraphModule through torch.export, with module paths and decoder blocks.
+
+A Hugging Face causal LM is captured as `input_ids (B, S) int64 -> logits (B, S, V)` with
+dynamic batch and sequence length; any other nn.Module as its own forward on the example
+inputs given. Parameters keep their original names (`model.layers.0.self_attn.q_proj.weight`)
+as `get_attr` targets, and every op node keeps the module path it came from.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+from dataclasses import dataclass
+
+import torch
+from torch.export import Dim
+from torch.fx import GraphModule, Node
+
+LINEAR_TARGETS = (torch.ops.aten.linear.default,)
+MAX_BATCH = 4096
+
+
+class CaptureError(RuntimeError):
+    """A model that torch.export could not capture; the message says where and why."""
+
+
+def is_hf_causal_lm(model: torch.nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model, "get_input_embeddings") and hasattr(model, "generation_config")
+
+
+def capture(
+    model: torch.nn.Module,
+    example_inputs: tuple | None = None,
+    dtype: torch.dtype | None = None,
+    dynamic_shapes=None,
+) -> GraphModule:
+    """Capture `model` as a GraphModule.
+
+    model: a Hugging Face causal LM (captured as input_ids -> logits) or any nn.Module.
+    example_inputs: positional inputs to trace with; for HF models defaults to a small
+        batch of token ids. Required for other modules.
+    dtype: cast the model to this dtype first (the captured graph is specific to it).
+    dynamic_shapes: as torch.export takes it; HF models default to dynamic batch and
+        sequence dimensions, other modules to static shapes.
+    """
+    if dtype is not None:
+        model = model.to(dtype)
+    model.eval()
+    hf = is_hf_causal_lm(model)
+    source: dict = {"kind": "module", "class": type(model).__name__}
+    if hf:
+        example_inputs, dynamic_shapes = _hf_defaults(model, example_inputs, dynamic_shapes)
+        source = {
+            "kind": "hf_causal_lm",
+            "class": type(model).__name__,
+            "config": model.config.to_dict(),
+        }
+    elif example_inputs is None:
+        raise CaptureError(f"capture({type(model).__name__}): pass example_inputs, a tuple of the forward's inputs")
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    try:
+        with _logits_forward(model) if hf else _nullcontext():
+            ep = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes)
+    except Exception as e:  # torch.export raises many types; report them all the same way
+        raise CaptureError(_explain(model, e)) from e
+    gm = ep.module()
+    first_param = next(iter(model.parameters()), None)
+    source["dtype"] = str(first_param.dtype).removeprefix("torch.") if first_param is not None else None
+    gm.meta["qfx"] = {"source": source}
+    return gm
+
+
+def _hf_defaults(model, example_inputs, dynamic_shapes):
+    if example_inputs is None:
+        vocab = int(getattr(model.config, "vocab_size", 32))
+        device = next(model.parameters()).device
+        g = torch.Generator().manual_seed(0)
+        example_inputs = (torch.randint(0, vocab, (2, 16), generator=g).to(device),)
+    if dynamic_shapes is None:
+        max_seq = int(getattr(model.config, "max_position_embeddings", None) or 8192)
+        dynamic_shapes = ({0: Dim("batch", min=1, max=MAX_BATCH), 1: Dim("seq", min=1, max=max_seq)},)
+    return example_inputs, dynamic_shapes
+
+
+class _logits_forward:
+    """Temporarily make an HF model's forward `input_ids -> logits` (no cache, no dict)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        full = self.model.forward
+
+        def forward(self, input_ids):
+            return full(input_ids=input_ids, use_cache=False).logits
+
+        self.model.forward = types.MethodType(forward, self.model)
+
+    def __exit__(self, *exc):
+        del self.model.forward
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _explain(model: torch.nn.Module, e: Exception) -> str:
+    text = str(e).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    where = ""
+    for ln in lines:  # torch.export messages name the user frame as 'File "...", line N, in fn'
+        if 'File "' in ln and "site-packages/torch" not in ln:
+            where = ln.strip()
+    head = lines[0] if lines else type(e).__name__
+    msg = f"could not capture {type(model).__name__} with torch.export: {type(e).__name__}: {head}"
+    if where:
+        msg += f" (at {where})"
+    return msg
+
+
+# -- graph queries ----------------------------------------------------------------------
+
+
+def module_path(node: Node) -> str:
+    """Module path of the innermost module that produced `node` ('' at top level)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, _cls = list(stack.values())[-1]
+    return _clean_path(path)
+
+
+def _clean_path(path: str) -> str:
+    # strict-mode exports spell paths as L['self'].model.layers[0]; normalise to dotted form
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    return re.sub(r"\[(\d+)\]", r".\1", path)
+
+
+def linear_nodes(gm: GraphModule) -> list[Node]:
+    """aten.linear calls whose weight is a graph attribute (a parameter, not an activation)."""
+    return [
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_function" and n.target in LINEAR_TARGETS and _is_attr(n.args[1])
+    ]
+
+
+def _is_attr(n) -> bool:
+    return isinstance(n, Node) and n.op == "get_attr"
+
+
+@dataclass(frozen=True)
+class Block:
+    """A repeated decoder block: its module path and the linears inside it, in graph order."""
+
+    path: str
+    linears: tuple[str, ...]
+
+
+def decoder_blocks(gm: GraphModule) -> list[Block]:
+    """The repeated blocks of the model, found from module paths of the form `<list>.<i>`.
+
+    The outermost indexed container that holds linears is taken as the block list (e.g.
+    `model.layers.0`, `transformer.h.3`); nothing is keyed on class or attribute names.
+    """
+    order: dict[str, list[str]] = {}
+    for n in linear_nodes(gm):
+        stack = [_clean_path(p) for p, _ in (n.meta.get("nn_module_stack") or {}).values()]
+        block = next((p for p in stack if re.search(r"\.\d+$", p)), None)
+        if block is not None:
+            order.setdefault(block, []).append(module_path(n))
+    # keep the dominant container (the one with most members), e.g. not a lone "heads.0"
+    by_parent: dict[str, list[str]] = {}
+    for path in order:
+        by_parent.setdefault(path.rsplit(".", 1)[0], []).append(path)
+    if not by_parent:
+        return []
+    parent = max(by_parent, key=lambda p: len(by_parent[p]))
+    return [Block(p, tuple(order[p])) for p in by_parent[parent]]
+
+
+def get_attr_tensor(gm: torch.nn.Module, target: str) -> torch.Tensor:
+    """The tensor a get_attr `target` (dotted path) refers to."""
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_attr_tensor(gm: torch.nn.Module, target: str, value: torch.Tensor, persistent: bool = True) -> None:
+    """Register `value` as a buffer at dotted path `target`, creating parent modules as needed."""
+    owner_path, _, name = target.rpartition(".")
+    owner = gm
+    for part in owner_path.split(".") if owner_path else ():
+        if not hasattr(owner, part):
+            owner.add_module(part, torch.nn.Module())
+        owner = getattr(owner, part)
+    if hasattr(owner, name) and name not in owner._buffers:
+        delattr(owner, name)
+    owner.register_buffer(name, value, persistent=persistent)

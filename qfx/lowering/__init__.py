@@ -1,0 +1,1 @@
+"""Lowering of qfx graphs: the torch.compile backend and its kernels."""

@@ -1,0 +1,1 @@
+"""Kernel families, one file each: Triton kernel, checking wrapper, plain-PyTorch *_ref."""

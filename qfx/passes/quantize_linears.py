@@ -1,0 +1,133 @@
+"""Replace each planned aten.linear with qfx::quantized_linear over packed weights.
+
+Requires: annotate_linears (and calibrated observers for static activations).
+Guarantees: every LinearPlan'd linear becomes one `qfx.quantized_linear` call reading
+`<path>.qweight`, `<path>.w_scale`, optionally `<path>.w_zero` and `<path>.a_scale`
+buffers; the float weight is removed from the module when nothing else reads it; input
+observers are gone. Linears without a plan are untouched.
+
+With `allocate_only=True` the buffers are allocated with the right shapes and dtypes but not
+computed: `qfx.load` fills them from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule, Node
+
+from qfx import primitives as P
+from qfx.capture import get_attr_tensor, set_attr_tensor
+from qfx.config import QuantSpec
+from qfx.observers import RangeObserver
+from qfx.ops import NO_ACT_QUANT
+from qfx.passes import finish
+from qfx.passes.annotate_linears import LinearPlan, plans
+
+
+def op_group_size(spec: QuantSpec) -> int:
+    """The op's group_size argument: 0 means one group per row."""
+    return spec.group_size if spec.granularity == "group" else 0
+
+
+def quantize_weight_tensors(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """Weight (N, K) -> the op's stored tensors: qweight, w_scale (N, G) in w's dtype, w_zero."""
+    if spec.dtype == "fp8":
+        amax = w.detach().float().abs().amax(-1, keepdim=True) * spec.clip_ratio
+        scale = P.fp8_scale(amax).to(w.dtype)
+        return {"qweight": P.fp8_quantize(w, scale.float()), "w_scale": scale}
+    if spec.granularity == "tensor":
+        scale, zero = P.choose_qparams(w.amin() * spec.clip_ratio, w.amax() * spec.clip_ratio, spec.bits, spec.symmetric)
+        scale = scale.reshape(1, 1).expand(w.shape[0], 1).contiguous()
+        zero = None if zero is None else zero.reshape(1, 1).expand(w.shape[0], 1).contiguous()
+    else:
+        scale, zero = P.weight_qparams(w.detach(), spec.bits, spec.symmetric, spec.group_size, spec.clip_ratio)
+    scale = scale.to(w.dtype)  # stored in the model's dtype; codes are computed against it
+    codes = P.quantize_weight(w.detach(), scale.float(), zero, spec.bits, op_group_size(spec) or None)
+    out = {"qweight": P.pack(codes, spec.bits), "w_scale": scale}
+    if zero is not None:
+        out["w_zero"] = zero
+    return out
+
+
+def empty_weight_tensors(plan: LinearPlan, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Tensors of the shapes `quantize_weight_tensors` would give, uninitialised."""
+    spec, n, k = plan.weight, plan.out_features, plan.in_features
+    if spec.dtype == "fp8":
+        return {"qweight": torch.empty(n, k, dtype=P.FP8_DTYPE), "w_scale": torch.empty(n, 1, dtype=dtype)}
+    g = op_group_size(spec)
+    groups = P.n_groups(k, g) if g else 1
+    out = {
+        "qweight": torch.empty(n, P.packed_width(k, spec.bits), dtype=torch.uint8),
+        "w_scale": torch.empty(n, groups, dtype=dtype),
+    }
+    if not spec.symmetric:
+        out["w_zero"] = torch.empty(n, groups, dtype=torch.uint8)
+    return out
+
+
+def quantize_linears(gm: GraphModule, allocate_only: bool = False) -> GraphModule:
+    replaced = 0
+    for node, plan in plans(gm):
+        x = node.args[0]
+        bias = node.args[2] if len(node.args) > 2 else None
+        weight = get_attr_tensor(gm, plan.weight_target)
+        a_scale = None
+        if isinstance(x, Node) and x.op == "call_module":
+            observer = gm.get_submodule(x.target)
+            if isinstance(observer, RangeObserver):
+                if not allocate_only:
+                    a_scale = observer.symmetric_scale(plan.act.bits) if plan.act.dtype == "int" else P.fp8_scale(
+                        torch.maximum(-observer.range()[0], observer.range()[1])
+                    )
+                x = x.args[0]
+        if plan.act is not None and not plan.act.dynamic and allocate_only:
+            a_scale = torch.empty((), dtype=torch.float32)
+        tensors = empty_weight_tensors(plan, weight.dtype) if allocate_only else quantize_weight_tensors(weight, plan.weight)
+        if a_scale is not None:
+            tensors["a_scale"] = a_scale.reshape(()).float()
+        attr_nodes = {}
+        with gm.graph.inserting_before(node):
+            for name, t in tensors.items():
+                target = f"{plan.path}.{name}"
+                set_attr_tensor(gm, target, t.to(weight.device))
+                attr_nodes[name] = gm.graph.get_attr(target)
+            a_bits = NO_ACT_QUANT if plan.act is None else plan.act.bits
+            q = gm.graph.call_function(
+                torch.ops.qfx.quantized_linear.default,
+                (
+                    x,
+                    attr_nodes["qweight"],
+                    attr_nodes["w_scale"],
+                    attr_nodes.get("w_zero"),
+                    bias,
+                    plan.weight.bits,
+                    op_group_size(plan.weight),
+                    plan.in_features,
+                    a_bits,
+                    attr_nodes.get("a_scale"),
+                ),
+            )
+        q.meta = dict(node.meta)
+        node.replace_all_uses_with(q)
+        w_node = node.args[1]
+        old_x = node.args[0]
+        gm.graph.erase_node(node)
+        if isinstance(old_x, Node) and old_x.op == "call_module" and not old_x.users:
+            gm.graph.erase_node(old_x)
+        _drop_unused_attr(gm, w_node)
+        replaced += 1
+    gm.delete_all_unused_submodules()
+    return finish(gm, "quantize_linears", replaced)
+
+
+def _drop_unused_attr(gm: GraphModule, attr: Node) -> None:
+    """Erase a get_attr node nobody reads, and its tensor when no other node names it."""
+    if attr.users:
+        return
+    target = attr.target
+    gm.graph.erase_node(attr)
+    if any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
+        return
+    owner_path, _, name = target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    delattr(owner, name)
