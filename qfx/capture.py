@@ -67,6 +67,12 @@ def capture(
     gm = ep.module()
     first_param = next(iter(model.parameters()), None)
     source["dtype"] = str(first_param.dtype).removeprefix("torch.") if first_param is not None else None
+    # buffers need not share the parameters' dtype (HF keeps rotary tables in float32 unless
+    # the model was .to()'d): a rebuilt model must match exactly, so record every one
+    source["tensor_dtypes"] = {
+        name: str(t.dtype).removeprefix("torch.")
+        for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    }
     gm.meta["qfx"] = {"source": source}
     return gm
 

@@ -1,0 +1,260 @@
+"""Save / load the native qfx format, and export quantized graphs as torch.export programs.
+
+Native format, a folder:
+    qfx.json            format version, recipe, the captured model's source (HF config, dtype),
+                        tensor aliases (tied weights), library versions
+    model.safetensors   every tensor the graph reads: packed weights, scales, zero points,
+                        full-precision parameters and buffers
+    tokenizer files     when a tokenizer was given
+Loading rebuilds the graph from the config (on the meta device, so nothing is initialised),
+re-runs the same passes to lay out the quantized ops, and fills every tensor from the file,
+checking names, shapes and dtypes. No pickled code is ever loaded.
+Writes go to a temporary sibling folder that is renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.fx import GraphModule
+
+from qfx.capture import capture, get_attr_tensor
+from qfx.config import Recipe
+from qfx.passes.annotate_linears import annotate_linears
+from qfx.passes.canonicalize_linears import canonicalize_linears
+from qfx.passes.quantize_linears import quantize_linears
+
+FORMAT = "qfx"
+FORMAT_VERSION = 1
+META_FILE = "qfx.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder that is missing, corrupt, or does not match its model."""
+
+
+def _tensor_targets(gm: GraphModule) -> list[str]:
+    seen: dict[str, None] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and isinstance(get_attr_tensor(gm, n.target), torch.Tensor):
+            seen[n.target] = None
+    return list(seen)
+
+
+def save(qmodel: GraphModule, path: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write `qmodel` (from qfx.convert / qfx.quantize) to folder `path`; returns the path."""
+    info = qmodel.meta.get("qfx", {})
+    if "recipe" not in info:
+        raise CheckpointError("save() takes a model returned by qfx.quantize or qfx.convert")
+    source = info.get("source", {})
+    if source.get("kind") != "hf_causal_lm":
+        raise CheckpointError(
+            f"save() rebuilds models from a Hugging Face config; {source.get('class', 'this model')} has none. "
+            "Use qfx.export(qmodel, 'model.pt2') for other modules"
+        )
+    tensors, aliases = {}, {}
+    by_storage: dict[tuple, str] = {}
+    for target in _tensor_targets(qmodel):
+        t = get_attr_tensor(qmodel, target).detach()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else None
+        if key is not None and key in by_storage:
+            aliases[target] = by_storage[key]  # tied weights are stored once
+            continue
+        if key is not None:
+            by_storage[key] = target
+        tensors[target] = t.contiguous().cpu()
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "recipe": info["recipe"],
+        "source": source,
+        "aliases": aliases,
+        "counts": info.get("counts", {}),
+        "versions": _versions(),
+    }
+    with _atomic_dir(path, overwrite) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return Path(path)
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> GraphModule:
+    """Load a folder written by `save`; the result computes bit-identical logits."""
+    path = Path(path)
+    meta = read_meta(path)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{path}: missing {WEIGHTS_FILE}")
+    try:
+        tensors = load_file(str(weights))
+    except Exception as e:
+        raise CheckpointError(f"{weights}: cannot read safetensors ({e})") from None
+    gm = rebuild(meta)
+    aliases = meta.get("aliases", {})
+    targets = _tensor_targets(gm)
+    for target in targets:
+        name = aliases.get(target, target)
+        if name not in tensors:
+            raise CheckpointError(f"{weights}: tensor {name!r} is missing")
+        expected, found = get_attr_tensor(gm, target), tensors[name]
+        if tuple(found.shape) != tuple(expected.shape) or found.dtype != expected.dtype:
+            raise CheckpointError(
+                f"{weights}: tensor {name!r} is {tuple(found.shape)} {found.dtype}, "
+                f"the model expects {tuple(expected.shape)} {expected.dtype}"
+            )
+        _assign(gm, target, found)
+    unused = set(tensors) - {aliases.get(t, t) for t in targets}
+    if unused:
+        raise CheckpointError(f"{weights}: tensors not used by the model: {sorted(unused)[:5]}")
+    return gm.to(device)
+
+
+def read_meta(path: Path) -> dict:
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    f = path / META_FILE
+    if not f.is_file():
+        raise CheckpointError(f"{path}: not a qfx checkpoint (no {META_FILE})")
+    try:
+        meta = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f}: corrupt ({e})") from None
+    if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{f}: format {meta.get('format')!r} v{meta.get('format_version')} is not one this qfx reads")
+    return meta
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def rebuild(meta: dict) -> GraphModule:
+    """The quantized graph described by `meta`, with uninitialised tensors."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = meta["source"]
+    try:
+        config = AutoConfig.for_model(**source["config"])
+    except Exception as e:
+        raise CheckpointError(f"cannot rebuild the model config ({source.get('class')}): {e}") from None
+    dtype = getattr(torch, source.get("dtype") or "float32")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = model.to_empty(device="cpu")
+    _restore_dtypes(model, source.get("tensor_dtypes", {}))
+    gm = capture(model)
+    gm = canonicalize_linears(gm)
+    gm = annotate_linears(gm, Recipe.from_dict(meta["recipe"]))
+    gm = quantize_linears(gm, allocate_only=True)
+    gm.meta["qfx"]["recipe"] = meta["recipe"]
+    return gm
+
+
+def _restore_dtypes(model: torch.nn.Module, dtypes: dict[str, str]) -> None:
+    """Cast each parameter / buffer to the dtype it had when the model was captured."""
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        want = dtypes.get(name)
+        if want is not None and str(t.dtype).removeprefix("torch.") != want:
+            owner_path, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_path) if owner_path else model
+            cast = t.data.to(getattr(torch, want))
+            if attr in owner._parameters:
+                owner._parameters[attr] = torch.nn.Parameter(cast, requires_grad=False)
+            else:
+                owner._buffers[attr] = cast
+
+
+def _assign(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
+    owner_path, _, name = target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    if name in owner._parameters:
+        owner._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+    elif name in owner._buffers:
+        owner._buffers[name] = value
+    else:
+        setattr(owner, name, value)
+
+
+def _versions() -> dict:
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
+class _atomic_dir:
+    """Context manager: a temporary folder next to `path`, renamed to `path` on success."""
+
+    def __init__(self, path, overwrite: bool):
+        self.path = Path(path)
+        self.overwrite = overwrite
+
+    def __enter__(self) -> Path:
+        if self.path.exists() and not self.overwrite:
+            raise CheckpointError(f"{self.path} exists; choose another output or allow overwriting")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        old = None
+        if self.path.exists():
+            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+            os.replace(self.path, old)
+        os.replace(self.tmp, self.path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+# -- torch.export programs ----------------------------------------------------------------
+
+
+def export(qmodel: GraphModule, path: str | os.PathLike, example_inputs: tuple | None = None) -> Path:
+    """Write a torch.export program (.pt2) of `qmodel`; reload with `load_exported`.
+
+    HF-captured models are exported with dynamic batch and sequence dimensions.
+    """
+    from torch.export import Dim
+
+    path = Path(path)
+    source = qmodel.meta.get("qfx", {}).get("source", {})
+    dynamic = None
+    if example_inputs is None:
+        if source.get("kind") != "hf_causal_lm":
+            raise CheckpointError("export() needs example_inputs for models not captured from a Hugging Face LM")
+        vocab = int(source["config"].get("vocab_size", 32))
+        device = next(iter(qmodel.buffers())).device
+        example_inputs = (torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0)).to(device),)
+        max_seq = int(source["config"].get("max_position_embeddings") or 8192)
+        dynamic = ({0: Dim("batch", min=1, max=4096), 1: Dim("seq", min=1, max=max_seq)},)
+    ep = torch.export.export(qmodel, example_inputs, dynamic_shapes=dynamic)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=".pt2", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.export.save(ep, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def load_exported(path: str | os.PathLike) -> torch.nn.Module:
+    """Load a .pt2 written by `export` as a runnable module (needs `import qfx` for its ops)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such exported program")
+    return torch.export.load(str(path)).module()
