@@ -202,6 +202,9 @@ class _atomic_dir:
             raise CheckpointError(f"{self.path} exists; choose another output or allow overwriting")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is not
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):

@@ -1,0 +1,236 @@
+"""The `qfx` command line: quantize a model, evaluate perplexity, print one JSON line.
+
+    qfx quantize --model smollm2-135m --method rtn --w-bits 4 --w-group 64 --w-asym \
+        --eval ../shared/data/wikitext2_test.txt --eval-windows 8 --output out/ --json
+    qfx eval --model out/ --eval ../shared/data/wikitext2_test.txt --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="smollm2-135m (default, embedded), a local HF folder, a .gguf file, a hub id, or a qfx folder")
+    p.add_argument("--eval", dest="eval_source", default=None,
+                   help="evaluation text: a .txt/.json/.jsonl path, wiki-summaries, or hf:NAME[:CONFIG[:SPLIT]]")
+    p.add_argument("--eval-windows", type=int, default=None, help="number of windows to evaluate (default: all)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per evaluation window and calibration sample")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype the model runs in")
+    p.add_argument("--json", action="store_true", help="end with one JSON line of results on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qfx", description="Post-training quantization of causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model, optionally evaluate and save it")
+    _add_common(q)
+    q.add_argument("--method", default="rtn", help="comma-separated pipeline, left to right (this version: rtn)")
+    q.add_argument("--w-bits", type=int, default=4, help="weight bits, 2..8; 16 = not quantized")
+    q.add_argument("--w-group", type=int, default=128, help="weight group size; 0 or -1 = per channel")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--w-sym", dest="w_sym", action="store_true", default=True, help="symmetric weights (default)")
+    sym.add_argument("--w-asym", dest="w_sym", action="store_false", help="asymmetric weights (zero points)")
+    q.add_argument("--w-clip", type=float, default=1.0, help="weight clip ratio in (0, 1]")
+    q.add_argument("--a-bits", type=int, default=16, help="activation bits (symmetric); 16 = not quantized")
+    q.add_argument("--a-static", action="store_true", help="static per-tensor activation scales from calibration "
+                   "(default: dynamic per-token)")
+    q.add_argument("--fp8", action="store_true", help="fp8 e4m3 weights (per channel) and activations (per token)")
+    q.add_argument("--rule", action="append", default=[], metavar="REGEX=SPEC",
+                   help="per-layer override, e.g. down_proj=w8, lm_head=w8, 'layers\\.0\\.'=skip (repeatable)")
+    q.add_argument("--recipe", default=None, help="a whole recipe string instead of the flags above")
+    q.add_argument("--calib", default="wiki-summaries", help="calibration text source (used when the recipe needs it)")
+    q.add_argument("--calib-samples", type=int, default=128, help="calibration samples of --seq-len tokens")
+    q.add_argument("--seed", type=int, default=0, help="seed for drawing calibration samples")
+    q.add_argument("--no-fp-eval", action="store_true", help="skip evaluating the full-precision model")
+    q.add_argument("--output", default=None, help="folder to save the quantized model to (written atomically)")
+    q.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+
+    e = sub.add_parser("eval", help="perplexity of a model or a saved qfx folder")
+    _add_common(e)
+    return parser
+
+
+def recipe_string(a: argparse.Namespace) -> str:
+    if a.recipe:
+        return a.recipe
+    parts = [a.method]
+    if a.fp8:
+        parts.append("fp8")
+    else:
+        parts += [f"w{a.w_bits}", f"g{a.w_group}", "sym" if a.w_sym else "asym", f"a{a.a_bits}"]
+        if a.w_clip != 1.0:
+            parts.append(f"clip{a.w_clip}")
+    if a.a_static:
+        parts.append("a-static")
+    parts += [f"rule:{r}" for r in a.rule]
+    return " ".join(parts)
+
+
+def _windows(a, tokenizer):
+    from qfx.data import eval_windows, read_text, tokenize
+
+    if a.eval_source is None:
+        return None
+    return eval_windows(tokenize(read_text(a.eval_source), tokenizer), a.seq_len, a.eval_windows)
+
+
+def _protocol(a, windows) -> dict:
+    if windows is None:
+        return {"eval_source": None, "eval_windows": 0, "eval_tokens": 0, "seq_len": a.seq_len}
+    return {
+        "eval_source": a.eval_source,
+        "eval_windows": int(windows.shape[0]),
+        "eval_tokens": int(windows.numel()),
+        "seq_len": a.seq_len,
+    }
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def cmd_quantize(a: argparse.Namespace) -> dict:
+    import qfx
+    from qfx.config import Recipe
+    from qfx.data import calibration_samples, read_text, tokenize
+    from qfx.eval import perplexity
+    from qfx.io import CheckpointError, save
+    from qfx.models import load_hf
+
+    start = time.time()
+    recipe_text = recipe_string(a)
+    recipe = Recipe.parse(recipe_text)  # fail on a bad recipe before loading anything
+    if a.output and Path(a.output).exists() and not a.overwrite:
+        raise CheckpointError(f"--output {a.output} exists; pass --overwrite or choose another folder")
+    model, tokenizer = load_hf(a.model, DTYPES[a.dtype], a.device)
+    windows = _windows(a, tokenizer)
+    progress = not a.quiet
+    ppl_fp = None
+    if windows is not None and not a.no_fp_eval:
+        ppl_fp = perplexity(_LogitsOf(model), windows, a.batch_size, a.device, progress, "eval fp")
+    t_quant = time.time()
+    prepared = qfx.prepare(model, recipe)
+    calib_used = 0
+    if qfx.needs_calibration(prepared):
+        samples = calibration_samples(tokenize(read_text(a.calib), tokenizer), a.calib_samples, a.seq_len, a.seed)
+        qfx.calibrate(prepared, samples.split(1), progress=progress)
+        calib_used = int(samples.shape[0])
+    qmodel = qfx.convert(prepared)
+    quant_seconds = time.time() - t_quant
+    ppl_q = perplexity(qmodel, windows, a.batch_size, a.device, progress, "eval quant") if windows is not None else None
+    checkpoint_bytes = None
+    if a.output:
+        save(qmodel, a.output, tokenizer=tokenizer, overwrite=a.overwrite)
+        checkpoint_bytes = sum(f.stat().st_size for f in Path(a.output).iterdir() if f.name == "model.safetensors")
+    return {
+        "model": a.model,
+        "method": ",".join(recipe.methods),
+        "recipe": recipe_text,
+        "ppl_fp": ppl_fp,
+        "ppl_quant": ppl_q,
+        **_protocol(a, windows),
+        "calib_source": a.calib if calib_used else None,
+        "calib_samples": calib_used,
+        "quantized_linears": qfx.passes.counts(qmodel).get("quantize_linears", 0),
+        "quantize_seconds": round(quant_seconds, 3),
+        "seconds": round(time.time() - start, 3),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "checkpoint_bytes": checkpoint_bytes,
+        "output": a.output,
+        "device": a.device,
+        "dtype": a.dtype,
+    }
+
+
+class _LogitsOf(torch.nn.Module):
+    """input_ids -> logits view of a Hugging Face causal LM."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def cmd_eval(a: argparse.Namespace) -> dict:
+    from qfx.eval import perplexity
+    from qfx.io import is_checkpoint, load, read_meta
+    from qfx.models import load_hf
+
+    start = time.time()
+    if a.eval_source is None:
+        raise ValueError("qfx eval needs --eval SOURCE (e.g. ../shared/data/wikitext2_test.txt)")
+    if is_checkpoint(a.model):
+        from transformers import AutoTokenizer
+
+        recipe = read_meta(Path(a.model))["recipe"]
+        model = load(a.model, device=a.device)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(a.model)
+        except (OSError, ValueError):
+            raise ValueError(f"{a.model} holds no tokenizer files; it was saved without a tokenizer") from None
+        method = ",".join(recipe["methods"])
+    else:
+        hf, tokenizer = load_hf(a.model, DTYPES[a.dtype], a.device)
+        model, method = _LogitsOf(hf), "fp"
+    windows = _windows(a, tokenizer)
+    ppl = perplexity(model, windows, a.batch_size, a.device, not a.quiet, "eval")
+    return {
+        "model": a.model,
+        "method": method,
+        "ppl": ppl,
+        **_protocol(a, windows),
+        "seconds": round(time.time() - start, 3),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "device": a.device,
+    }
+
+
+def _print_human(result: dict) -> None:
+    for k, v in result.items():
+        if v is not None:
+            print(f"{k:>18}: {v:.4f}" if isinstance(v, float) else f"{k:>18}: {v}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from qfx.api import QuantizeError
+    from qfx.capture import CaptureError
+    from qfx.config import ConfigError
+    from qfx.data import DataError
+    from qfx.io import CheckpointError
+    from qfx.models import ModelError
+    from qfx.observers import ObserverError
+
+    user_errors = (ConfigError, CaptureError, DataError, CheckpointError, ModelError, ObserverError, QuantizeError,
+                   ValueError, FloatingPointError)
+    try:
+        result = cmd_quantize(args) if args.command == "quantize" else cmd_eval(args)
+    except user_errors as e:
+        print(f"qfx {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_human(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
