@@ -217,7 +217,7 @@ class Recipe:
         if not tokens:
             raise ConfigError("empty recipe string; e.g. 'rtn w4 g128 sym'")
         methods: tuple[str, ...] = ("rtn",)
-        if re.fullmatch(r"[a-z+]+(,[a-z+]+)*", tokens[0]) and tokens[0] not in ("sym", "asym", "fp8"):
+        if not _OPTION.fullmatch(tokens[0]):
             methods = tuple(tokens[0].split(","))
             tokens = tokens[1:]
         w_bits, group, sym, clip = 4, 128, True, 1.0
@@ -255,6 +255,9 @@ class Recipe:
         if kv is not None and kv != 16:
             kv_spec = QuantSpec(bits=kv, symmetric=False, granularity="token", group_size=None, dynamic=True)
         return Recipe(methods=methods, weight=weight, act=act, kv=kv_spec, rules=tuple(rules))
+
+
+_OPTION = re.compile(r"w\d+|g-?\d+|a\d+|a-static|sym|asym|fp8|kv\d+|clip.*|rule:.*")
 
 
 def _checked_weight(bits: int, group: int, sym: bool, clip: float) -> QuantSpec:

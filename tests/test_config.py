@@ -1,0 +1,93 @@
+import pytest
+
+from qfx.config import ConfigError, LayerRule, QuantSpec, Recipe, act_spec, weight_spec
+
+
+def test_parse_weight_only_group():
+    r = Recipe.parse("rtn w4 g64 asym")
+    assert r.methods == ("rtn",)
+    assert r.weight == QuantSpec(bits=4, symmetric=False, granularity="group", group_size=64)
+    assert r.act is None
+
+
+@pytest.mark.parametrize("group", ["g0", "g-1"])
+def test_group_zero_and_minus_one_mean_per_channel(group):
+    r = Recipe.parse(f"w8 {group} a8")
+    assert r.weight.granularity == "channel" and r.weight.group_size is None
+    assert r.act == act_spec(8) and r.act.granularity == "token" and r.act.dynamic
+
+
+def test_parse_fp8_static_clip_and_rules():
+    r = Recipe.parse("rtn fp8 a-static")
+    assert r.weight.dtype == "fp8" and r.act.dtype == "fp8" and not r.act.dynamic
+    r = Recipe.parse("rtn w3 g32 clip0.9 rule:down_proj=w8.g0 rule:lm_head=w6 rule:layers\\.0\\.=skip")
+    assert r.weight.clip_ratio == 0.9
+    assert r.resolve("model.layers.3.mlp.down_proj", False)[0] == weight_spec(8, 0)
+    assert r.resolve("lm_head", True)[0] == weight_spec(6, 128)
+    assert r.resolve("model.layers.0.self_attn.q_proj", False) == (None, None)
+    assert r.resolve("model.layers.1.self_attn.q_proj", False)[0].bits == 3
+
+
+def test_head_kept_in_full_precision_unless_asked():
+    r = Recipe.parse("w4")
+    assert r.resolve("lm_head", is_head=True) == (None, None)
+    assert r.resolve("lm_head", is_head=False)[0] is not None  # only the graph's head is special
+    assert Recipe(weight=weight_spec(4), quantize_head=True).resolve("lm_head", True)[0] is not None
+
+
+def test_w16_a16_mean_not_quantized():
+    r = Recipe.parse("w16 a8 rule:q_proj=w4")
+    assert r.weight is None and r.act is not None
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("gptq9 w4", "unknown method"),
+        ("w9", "2..8 bits"),
+        ("w1", "2..8 bits"),
+        ("w4 gx", "not understood"),
+        ("w4 g-5", "group size"),
+        ("w4 a8 bogus", "not understood"),
+        ("w4 kv8", "KV-cache"),
+        ("w4 rule:down_proj", "rule:REGEX=SPEC"),
+        ("w4 rule:(=w8", "not a valid regex"),
+        ("", "empty recipe"),
+        ("w16 a16", "quantizes nothing"),
+    ],
+)
+def test_bad_recipes_name_the_problem(text, message):
+    with pytest.raises(ConfigError, match=message):
+        Recipe.parse(text)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(bits=9), "bits=9"),
+        (dict(granularity="group", group_size=0), "group_size=0"),
+        (dict(granularity="group", group_size=None), "group_size=None"),
+        (dict(granularity="channel", group_size=64), "only applies"),
+        (dict(dtype="fp8", bits=4), "fp8"),
+        (dict(dtype="fp8", bits=8, symmetric=False, granularity="channel", group_size=None), "symmetric"),
+        (dict(clip_ratio=0.0), "clip_ratio"),
+        (dict(granularity="token", group_size=None), "dynamic=True"),
+        (dict(observer="magic"), "observer"),
+        (dict(dtype="int3"), "dtype"),
+    ],
+)
+def test_impossible_specs_are_refused(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        QuantSpec(**kwargs)
+
+
+def test_asymmetric_activations_are_refused():
+    with pytest.raises(ConfigError, match="symmetric"):
+        Recipe(act=QuantSpec(bits=8, symmetric=False, granularity="token", group_size=None, dynamic=True))
+
+
+def test_recipe_dict_round_trip():
+    r = Recipe.parse("rtn w4 g64 asym a8 rule:down_proj=w8 rule:lm_head=skip")
+    assert Recipe.from_dict(r.to_dict()) == r
+    r2 = Recipe(rules=(LayerRule("o_proj", act=None),))
+    assert Recipe.from_dict(r2.to_dict()) == r2

@@ -1,0 +1,79 @@
+"""qfx::quantized_linear against a dense computation written here from the format's definition."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import qfx  # noqa: F401  (registers the op)
+from qfx import primitives as P
+from qfx.ops import NO_ACT_QUANT, quantized_linear
+
+
+def _dense_weight(codes, scale, zero, bits, group):
+    # (u - z) * s with each scale repeated over its group, the last group possibly short
+    k = codes.shape[1]
+    s = scale.repeat_interleave(group, dim=1)[:, :k]
+    z = float(1 << (bits - 1)) if zero is None else zero.float().repeat_interleave(group, dim=1)[:, :k]
+    return (codes.float() - z) * s
+
+
+def _random_op_inputs(n, k, bits, group, sym, seed):
+    g = torch.Generator().manual_seed(seed)
+    groups = -(-k // group)
+    codes = torch.randint(0, 1 << bits, (n, k), generator=g).to(torch.uint8)
+    scale = torch.rand(n, groups, generator=g) * 0.1 + 0.01
+    zero = None if sym else torch.randint(0, 1 << bits, (n, groups), generator=g).to(torch.uint8)
+    return codes, scale, zero
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 33), k=st.integers(1, 70), m=st.integers(1, 5), bits=st.integers(2, 8),
+       group=st.integers(1, 80), sym=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_weight_only_matches_dense(n, k, m, bits, group, sym, seed):
+    codes, scale, zero = _random_op_inputs(n, k, bits, group, sym, seed)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    bias = torch.randn(n, dtype=torch.float64)
+    y = quantized_linear(x, P.pack(codes, bits), scale, zero, bias, bits, group, k, NO_ACT_QUANT, None)
+    ref = x @ _dense_weight(codes, scale, zero, bits, group).double().T + bias
+    # float64 input: the only rounding is the float32 weight dequantization
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("a_bits", [8, 4])
+def test_dynamic_per_token_activation_quant(a_bits):
+    codes, scale, zero = _random_op_inputs(16, 40, 4, 16, True, 0)
+    x = torch.randn(3, 40)
+    y = quantized_linear(x, P.pack(codes, 4), scale, zero, None, 4, 16, 40, a_bits, None)
+    qmax = (1 << (a_bits - 1)) - 1
+    s = x.abs().amax(-1, keepdim=True) / (qmax + 0.5)
+    xq = torch.clamp(torch.round(x / s), -qmax - 1, qmax) * s
+    torch.testing.assert_close(y, xq @ _dense_weight(codes, scale, zero, 4, 16).T, rtol=1e-5, atol=1e-5)
+
+
+def test_static_activation_scale_and_per_channel():
+    codes, scale, zero = _random_op_inputs(8, 24, 8, 24, False, 3)
+    x = torch.randn(5, 24)
+    a_scale = torch.tensor(0.02)
+    y = quantized_linear(x, P.pack(codes, 8), scale, zero, None, 8, 0, 24, 8, a_scale)
+    xq = torch.clamp(torch.round(x / 0.02), -128, 127) * 0.02
+    torch.testing.assert_close(y, xq @ _dense_weight(codes, scale, zero, 8, 24).T, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_weights_and_activations():
+    w = torch.randn(12, 32)
+    ws = P.fp8_scale(w.abs().amax(-1, keepdim=True))
+    qw = P.fp8_quantize(w, ws)
+    x = torch.randn(4, 32)
+    y = quantized_linear(x, qw, ws, None, None, 8, 0, 32, 8, None)
+    xs = x.abs().amax(-1, keepdim=True) / 448.0
+    xq = (x / xs).to(torch.float8_e4m3fn).float() * xs
+    torch.testing.assert_close(y, xq @ (qw.float() * ws).T, rtol=1e-5, atol=1e-5)
+
+
+def test_output_dtype_follows_input_and_opcheck_passes():
+    codes, scale, zero = _random_op_inputs(8, 20, 4, 8, False, 1)
+    args = (torch.randn(2, 3, 20, dtype=torch.bfloat16), P.pack(codes, 4), scale.bfloat16(), zero, None, 4, 8, 20,
+            NO_ACT_QUANT, None)
+    assert quantized_linear(*args).dtype == torch.bfloat16
+    torch.library.opcheck(torch.ops.qfx.quantized_linear.default, args)

@@ -1,0 +1,126 @@
+"""Quantization math: packing is exact, round trips stay within half a step, and the codes
+agree with torchao's affine quantization primitives (an independent implementation)."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qfx import primitives as P
+
+bits_st = st.integers(2, 8)
+# shapes that are not multiples of 8 (packing) nor of the group size
+dims = st.integers(1, 70)
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=bits_st, rows=st.integers(1, 5), k=dims, seed=st.integers(0, 2**31 - 1))
+def test_pack_unpack_is_exact(bits, rows, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (rows, k), generator=g, dtype=torch.int64).to(torch.uint8)
+    packed = P.pack(codes, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.shape == (rows, P.packed_width(k, bits))
+    assert torch.equal(P.unpack(packed, bits, k), codes)
+
+
+def test_pack_layout_for_4_bits_is_low_nibble_first():
+    codes = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]], dtype=torch.uint8)
+    assert P.pack(codes, 4).tolist() == [[0x21, 0x43, 0x65, 0x87]]
+
+
+def test_pack_rejects_non_uint8():
+    with pytest.raises(TypeError, match="uint8"):
+        P.pack(torch.zeros(2, 8, dtype=torch.int32), 4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=bits_st, sym=st.booleans(), n=st.integers(1, 6), k=dims, group=st.integers(1, 40),
+       seed=st.integers(0, 2**31 - 1))
+def test_weight_round_trip_within_half_step(bits, sym, n, k, group, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g) * 3
+    scale, zero = P.weight_qparams(w, bits, sym, group)
+    assert scale.shape == (n, math.ceil(k / group))
+    codes = P.quantize_weight(w, scale, zero, bits, group)
+    assert codes.shape == (n, k) and int(codes.max()) < (1 << bits)
+    deq = P.dequantize_weight(codes, scale, zero, bits, group)
+    step = P.from_groups(scale.unsqueeze(-1).expand(-1, -1, group), k)
+    err = (deq - w).abs()
+    # symmetric: the positive max may clip by half a step more (signed range is lopsided)
+    bound = step * (1.0 if sym else 0.5) + 1e-6
+    assert bool((err <= bound).all()), float((err - bound).max())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+def test_codes_match_torchao_affine(bits, sym):
+    from torchao.quantization.quant_primitives import dequantize_affine, quantize_affine
+
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(8, 128, generator=g)
+    group = 32
+    scale, zero = P.weight_qparams(w, bits, sym, group)
+    ours = P.quantize_weight(w, scale, zero, bits, group)
+    qmin, qmax = P.qrange(bits, sym)
+    if sym:
+        zp = torch.zeros_like(scale, dtype=torch.int32)
+        signed = quantize_affine(w, (1, group), scale, zp, torch.int8, qmin, qmax)
+        theirs = signed.to(torch.int16) + (1 << (bits - 1))
+        deq = dequantize_affine(signed, (1, group), scale, zp, torch.int8, qmin, qmax)
+    else:
+        zp = zero.to(torch.int32)
+        theirs = quantize_affine(w, (1, group), scale, zp, torch.uint8, qmin, qmax)
+        deq = dequantize_affine(theirs, (1, group), scale, zp, torch.uint8, qmin, qmax)
+    # torchao rounds x * (1/s), qfx x / s: the two may differ only where x/s is a .5 tie
+    # (e.g. -amax/s = -7.5 exactly in the symmetric case), and then by one code
+    ratio = w / P.from_groups(scale.unsqueeze(-1).expand(-1, -1, group), 128)
+    ties = ((ratio - ratio.floor()) - 0.5).abs() < 1e-4
+    diff = ours.to(torch.int16) - theirs.to(torch.int16)
+    assert bool((diff[~ties] == 0).all())
+    assert int(diff.abs().max()) <= 1
+    same = (diff == 0)
+    ours_deq = P.dequantize_weight(ours, scale, zero, bits, group)
+    torch.testing.assert_close(ours_deq[same], deq[same], rtol=0, atol=1e-6)
+
+
+def test_short_last_group_uses_its_own_range():
+    # K=576 (SmolLM2's hidden size) with groups of 128: four full groups and one of 64
+    w = torch.randn(3, 576)
+    w[:, 512:] *= 100  # only the last (short) group is large
+    scale, _ = P.weight_qparams(w, 4, True, 128)
+    assert scale.shape == (3, 5)
+    assert bool((scale[:, 4] > 20 * scale[:, :4].max(dim=1).values).all())
+
+
+def test_clip_ratio_shrinks_the_range():
+    w = torch.randn(4, 64)
+    s1, _ = P.weight_qparams(w, 4, True, 64, clip_ratio=1.0)
+    s2, _ = P.weight_qparams(w, 4, True, 64, clip_ratio=0.5)
+    torch.testing.assert_close(s2, s1 * 0.5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.sampled_from([4, 8]), rows=st.integers(1, 6), k=dims, seed=st.integers(0, 2**31 - 1))
+def test_per_token_activation_quant_bound(bits, rows, k, seed):
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(seed)) * 5
+    q, s = P.quantize_per_token(x, bits)
+    assert q.dtype == torch.int8 and s.shape == (rows, 1)
+    assert bool(((q.float() * s - x).abs() <= s * 1.0 + 1e-6).all())
+
+
+def test_fp8_round_trip_relative_error():
+    x = torch.randn(16, 64) * 10
+    scale = P.fp8_scale(x.abs().amax(-1, keepdim=True))
+    y = P.fp8_quantize(x, scale).float() * scale
+    # e4m3 keeps 3 mantissa bits: relative error <= 2^-4 for normal values
+    big = x.abs() > scale * 2**-6
+    assert bool(((y - x).abs()[big] <= x.abs()[big] * 2**-4 + 1e-6).all())
+
+
+def test_choose_qparams_always_contains_zero():
+    scale, zero = P.choose_qparams(torch.tensor(2.0), torch.tensor(5.0), 4, symmetric=False)
+    assert int(zero) == 0  # range widened to [0, 5]
+    assert math.isclose(float(scale), 5.0 / 15, rel_tol=1e-6)
