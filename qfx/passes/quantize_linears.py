@@ -30,35 +30,38 @@ def op_group_size(spec: QuantSpec) -> int:
 
 
 def quantize_weight_tensors(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
-    """Weight (N, K) -> the op's stored tensors: qweight, w_scale (N, G) in w's dtype, w_zero."""
+    """Weight (N, K) -> the op's stored tensors: qweight, w_scale (N, G) float32, w_zero.
+
+    Scales stay float32: rounding them to bf16 shifts every weight of a group by the same
+    factor (up to 0.4 %), which measurably costs perplexity at 4 bits.
+    """
     if spec.dtype == "fp8":
         amax = w.detach().float().abs().amax(-1, keepdim=True) * spec.clip_ratio
-        scale = P.fp8_scale(amax).to(w.dtype)
-        return {"qweight": P.fp8_quantize(w, scale.float()), "w_scale": scale}
+        scale = P.fp8_scale(amax)
+        return {"qweight": P.fp8_quantize(w, scale), "w_scale": scale}
     if spec.granularity == "tensor":
         scale, zero = P.choose_qparams(w.amin() * spec.clip_ratio, w.amax() * spec.clip_ratio, spec.bits, spec.symmetric)
         scale = scale.reshape(1, 1).expand(w.shape[0], 1).contiguous()
         zero = None if zero is None else zero.reshape(1, 1).expand(w.shape[0], 1).contiguous()
     else:
         scale, zero = P.weight_qparams(w.detach(), spec.bits, spec.symmetric, spec.group_size, spec.clip_ratio)
-    scale = scale.to(w.dtype)  # stored in the model's dtype; codes are computed against it
-    codes = P.quantize_weight(w.detach(), scale.float(), zero, spec.bits, op_group_size(spec) or None)
+    codes = P.quantize_weight(w.detach(), scale, zero, spec.bits, op_group_size(spec) or None)
     out = {"qweight": P.pack(codes, spec.bits), "w_scale": scale}
     if zero is not None:
         out["w_zero"] = zero
     return out
 
 
-def empty_weight_tensors(plan: LinearPlan, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def empty_weight_tensors(plan: LinearPlan) -> dict[str, torch.Tensor]:
     """Tensors of the shapes `quantize_weight_tensors` would give, uninitialised."""
     spec, n, k = plan.weight, plan.out_features, plan.in_features
     if spec.dtype == "fp8":
-        return {"qweight": torch.empty(n, k, dtype=P.FP8_DTYPE), "w_scale": torch.empty(n, 1, dtype=dtype)}
+        return {"qweight": torch.empty(n, k, dtype=P.FP8_DTYPE), "w_scale": torch.empty(n, 1)}
     g = op_group_size(spec)
     groups = P.n_groups(k, g) if g else 1
     out = {
         "qweight": torch.empty(n, P.packed_width(k, spec.bits), dtype=torch.uint8),
-        "w_scale": torch.empty(n, groups, dtype=dtype),
+        "w_scale": torch.empty(n, groups),
     }
     if not spec.symmetric:
         out["w_zero"] = torch.empty(n, groups, dtype=torch.uint8)
@@ -82,7 +85,7 @@ def quantize_linears(gm: GraphModule, allocate_only: bool = False) -> GraphModul
                 x = x.args[0]
         if plan.act is not None and not plan.act.dynamic and allocate_only:
             a_scale = torch.empty((), dtype=torch.float32)
-        tensors = empty_weight_tensors(plan, weight.dtype) if allocate_only else quantize_weight_tensors(weight, plan.weight)
+        tensors = empty_weight_tensors(plan) if allocate_only else quantize_weight_tensors(weight, plan.weight)
         if a_scale is not None:
             tensors["a_scale"] = a_scale.reshape(()).float()
         attr_nodes = {}

@@ -1,0 +1,96 @@
+"""The qfx command line on a tiny local HF folder (SmolLM2's tokenizer, random 2-layer Llama)."""
+
+import json
+
+import pytest
+
+from qfx.cli import main, recipe_string, build_parser
+from tests.conftest import WIKITEXT
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_quantize_json_line_has_the_contract_keys(capsys, tmp_path, tiny_hf_dir):
+    out_dir = tmp_path / "q"
+    code, out, err = _run(capsys, "quantize", "--model", tiny_hf_dir, "--w-bits", 4, "--w-group", 32, "--w-asym",
+                          "--eval", WIKITEXT, "--eval-windows", 2, "--seq-len", 64, "--output", out_dir,
+                          "--device", "cpu", "--json", "--quiet")
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    for key in ("model", "method", "recipe", "ppl_fp", "ppl_quant", "eval_tokens", "seq_len", "seconds",
+                "peak_rss_mb", "checkpoint_bytes"):
+        assert key in result
+    assert result["recipe"] == "rtn w4 g32 asym a16"
+    assert result["eval_tokens"] == 128 and result["eval_windows"] == 2
+    assert result["ppl_fp"] > 1 and result["ppl_quant"] > 1
+    assert result["checkpoint_bytes"] == (out_dir / "model.safetensors").stat().st_size
+
+    code, out, err = _run(capsys, "eval", "--model", out_dir, "--eval", WIKITEXT, "--eval-windows", 2,
+                          "--seq-len", 64, "--device", "cpu", "--json", "--quiet")
+    assert code == 0, err
+    reloaded = json.loads(out.strip().splitlines()[-1])
+    assert reloaded["ppl"] == pytest.approx(result["ppl_quant"], rel=1e-9)
+    assert reloaded["method"] == "rtn"
+
+
+def test_static_activations_calibrate_from_a_local_file(capsys, tmp_path, tiny_hf_dir):
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("\n".join(json.dumps({"text": f"sample number {i} about quantization"}) for i in range(200)))
+    code, out, err = _run(capsys, "quantize", "--model", tiny_hf_dir, "--w-bits", 8, "--w-group", 0, "--a-bits", 8,
+                          "--a-static", "--calib", calib, "--calib-samples", 4, "--seq-len", 32,
+                          "--device", "cpu", "--json", "--quiet")
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["calib_samples"] == 4 and result["calib_source"] == str(calib)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "magic"], "unknown method 'magic'"),
+        (["--w-bits", "9"], "2..8 bits"),
+        (["--rule", "down_proj"], "REGEX=SPEC"),
+    ],
+)
+def test_bad_quantize_arguments_exit_nonzero_with_one_line(capsys, tmp_path, tiny_hf_dir, args, message):
+    out_dir = tmp_path / "never"
+    code, out, err = _run(capsys, "quantize", "--model", tiny_hf_dir, *args, "--output", out_dir, "--quiet")
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out_dir.exists()
+
+
+def test_eval_text_shorter_than_a_window_leaves_no_output(capsys, tmp_path, tiny_hf_dir):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    out_dir = tmp_path / "never"
+    code, _, err = _run(capsys, "quantize", "--model", tiny_hf_dir, "--eval", short, "--seq-len", 512,
+                        "--output", out_dir, "--quiet")
+    assert code == 2 and "shorter than one window" in err
+    assert not out_dir.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["short.txt"]
+
+
+def test_missing_and_corrupt_checkpoints(capsys, tmp_path):
+    code, _, err = _run(capsys, "eval", "--model", tmp_path / "nope", "--eval", WIKITEXT, "--quiet")
+    assert code == 2 and "cannot load model" in err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "qfx.json").write_text("{")
+    code, _, err = _run(capsys, "eval", "--model", bad, "--eval", WIKITEXT, "--quiet")
+    assert code == 2 and "corrupt" in err
+
+
+def test_existing_output_is_refused_before_any_work(capsys, tmp_path, tiny_hf_dir):
+    (tmp_path / "out").mkdir()
+    code, _, err = _run(capsys, "quantize", "--model", tiny_hf_dir, "--output", tmp_path / "out", "--quiet")
+    assert code == 2 and "--overwrite" in err
+
+
+def test_recipe_string_from_flags():
+    a = build_parser().parse_args(["quantize", "--w-bits", "3", "--w-group", "-1", "--w-asym", "--a-bits", "8",
+                                   "--rule", "down_proj=w8", "--method", "rtn"])
+    assert recipe_string(a) == "rtn w3 g-1 asym a8 rule:down_proj=w8"
