@@ -5,10 +5,12 @@ from qfx.api import QuantizeError, convert, needs_calibration, prepare, quantize
 from qfx.calibrate import calibrate
 from qfx.capture import CaptureError, capture, decoder_blocks
 from qfx.config import ConfigError, LayerRule, QuantSpec, Recipe
+from qfx.io import CheckpointError, export, load, load_exported, save
 from qfx.lowering import backend as _backend  # noqa: F401  (registers torch.compile backend "qfx")
 
 __all__ = [
     "CaptureError",
+    "CheckpointError",
     "ConfigError",
     "LayerRule",
     "QuantSpec",
@@ -18,7 +20,11 @@ __all__ = [
     "capture",
     "convert",
     "decoder_blocks",
+    "export",
+    "load",
+    "load_exported",
     "needs_calibration",
     "prepare",
     "quantize",
+    "save",
 ]
