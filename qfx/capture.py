@@ -73,6 +73,8 @@ def capture(
         name: str(t.dtype).removeprefix("torch.")
         for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     }
+    # names a checkpoint of this model holds (exports write these, not non-persistent buffers)
+    source["state_names"] = list(model.state_dict().keys())
     gm.meta["qfx"] = {"source": source}
     return gm
 

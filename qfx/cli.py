@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     sym.add_argument("--w-sym", dest="w_sym", action="store_true", default=True, help="symmetric weights (default)")
     sym.add_argument("--w-asym", dest="w_sym", action="store_false", help="asymmetric weights (zero points)")
     q.add_argument("--w-clip", type=float, default=1.0, help="weight clip ratio in (0, 1]")
+    q.add_argument("--w-scale-dtype", choices=["float32", "model"], default="float32",
+                   help="weight scales kept in float32, or rounded to the model dtype (exact in serving engines)")
     q.add_argument("--a-bits", type=int, default=16, help="activation bits (symmetric); 16 = not quantized")
     q.add_argument("--a-static", action="store_true", help="static per-tensor activation scales from calibration "
                    "(default: dynamic per-token)")
@@ -75,6 +77,8 @@ def recipe_string(a: argparse.Namespace) -> str:
         parts += [f"w{a.w_bits}", f"g{a.w_group}", "sym" if a.w_sym else "asym", f"a{a.a_bits}"]
         if a.w_clip != 1.0:
             parts.append(f"clip{a.w_clip}")
+    if a.w_scale_dtype == "model":
+        parts.append("scale-model")
     if a.a_static:
         parts.append("a-static")
     parts += [f"rule:{r}" for r in a.rule]

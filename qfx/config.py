@@ -11,7 +11,7 @@ module paths. A recipe string is a short form of the same thing:
 
 Tokens: `wN` weight bits (16 = not quantized), `gN` group size (0 or -1 = per channel),
 `sym`/`asym`, `aN` activation bits (16 = none), `a-static` static per-tensor activations,
-`clipR` weight clip ratio, `fp8`, `kvN`, `rule:REGEX=SPEC` where SPEC is `skip`, `wN`,
+`clipR` weight clip ratio, `fp8`, `scale-model` (weight scales rounded to the model dtype), `kvN`, `rule:REGEX=SPEC` where SPEC is `skip`, `wN`,
 `wN.gM` or `aN` (several joined by `.`).
 """
 
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 GRANULARITIES = ("tensor", "channel", "group", "token")
 DTYPES = ("int", "fp8")
 OBSERVERS = ("minmax", "moving_average", "percentile", "mse")
+SCALE_DTYPES = ("float32", "model")
 # Methods this version can run; later passes register themselves here.
 METHODS: dict[str, str] = {"rtn": "round-to-nearest, no calibration needed for weights"}
 
@@ -43,6 +44,9 @@ class QuantSpec:
     dynamic: activation scales computed per call (True) or fixed from calibration (False).
     clip_ratio: the range used is clip_ratio * observed range (1.0 = no clipping).
     observer: statistic for static ranges: minmax | moving_average | percentile | mse.
+    scale_dtype: "float32" keeps weight scales exact; "model" rounds them to the model's
+        dtype before the codes are chosen, so that serving engines, which hold scales in the
+        model dtype, compute exactly what qfx measured.
     """
 
     bits: int = 4
@@ -53,6 +57,7 @@ class QuantSpec:
     dynamic: bool = False
     clip_ratio: float = 1.0
     observer: str = "minmax"
+    scale_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -83,6 +88,8 @@ class QuantSpec:
             raise ConfigError(f"QuantSpec.clip_ratio={self.clip_ratio}: must be in (0, 1]")
         if self.observer not in OBSERVERS:
             raise ConfigError(f"QuantSpec.observer={self.observer!r}: choose one of {OBSERVERS}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ConfigError(f"QuantSpec.scale_dtype={self.scale_dtype!r}: choose one of {SCALE_DTYPES}")
         if self.granularity == "token" and not self.dynamic:
             raise ConfigError("QuantSpec: per-token scales are computed at run time; set dynamic=True")
 
@@ -95,11 +102,19 @@ class QuantSpec:
         return f"{kind} {gran} {sym}{dyn}"
 
 
-def weight_spec(bits: int, group_size: int = 128, symmetric: bool = True, clip_ratio: float = 1.0) -> QuantSpec:
+def weight_spec(
+    bits: int, group_size: int = 128, symmetric: bool = True, clip_ratio: float = 1.0, scale_dtype: str = "float32"
+) -> QuantSpec:
     """Weight spec with the command-line conventions: group 0 or -1 means per channel."""
-    if group_size in (0, -1):
-        return QuantSpec(bits=bits, symmetric=symmetric, granularity="channel", group_size=None, clip_ratio=clip_ratio)
-    return QuantSpec(bits=bits, symmetric=symmetric, granularity="group", group_size=group_size, clip_ratio=clip_ratio)
+    per_channel = group_size in (0, -1)
+    return QuantSpec(
+        bits=bits,
+        symmetric=symmetric,
+        granularity="channel" if per_channel else "group",
+        group_size=None if per_channel else group_size,
+        clip_ratio=clip_ratio,
+        scale_dtype=scale_dtype,
+    )
 
 
 def act_spec(bits: int, dynamic: bool = True, fp8: bool = False) -> QuantSpec:
@@ -220,7 +235,7 @@ class Recipe:
         if not _OPTION.fullmatch(tokens[0]):
             methods = tuple(tokens[0].split(","))
             tokens = tokens[1:]
-        w_bits, group, sym, clip = 4, 128, True, 1.0
+        w_bits, group, sym, clip, scale_dtype = 4, 128, True, 1.0, "float32"
         a_bits, a_dynamic, fp8 = 16, True, False
         rules: list[LayerRule] = []
         kv = None
@@ -239,6 +254,8 @@ class Recipe:
                 clip = float(m[1])
             elif tok == "fp8":
                 fp8 = True
+            elif tok == "scale-model":
+                scale_dtype = "model"
             elif m := re.fullmatch(r"kv(\d+)", tok):
                 kv = int(m[1])
             elif tok.startswith("rule:"):
@@ -246,10 +263,10 @@ class Recipe:
             else:
                 raise ConfigError(f"recipe token {tok!r} not understood in {text!r} (see qfx.config docstring)")
         if fp8:
-            weight = QuantSpec(bits=8, dtype="fp8", granularity="channel", group_size=None)
+            weight = QuantSpec(bits=8, dtype="fp8", granularity="channel", group_size=None, scale_dtype=scale_dtype)
             act = act_spec(8, a_dynamic, fp8=True)
         else:
-            weight = None if w_bits == 16 else _checked_weight(w_bits, group, sym, clip)
+            weight = None if w_bits == 16 else _checked_weight(w_bits, group, sym, clip, scale_dtype)
             act = None if a_bits == 16 else act_spec(a_bits, a_dynamic)
         kv_spec = None
         if kv is not None and kv != 16:
@@ -257,13 +274,13 @@ class Recipe:
         return Recipe(methods=methods, weight=weight, act=act, kv=kv_spec, rules=tuple(rules))
 
 
-_OPTION = re.compile(r"w\d+|g-?\d+|a\d+|a-static|sym|asym|fp8|kv\d+|clip.*|rule:.*")
+_OPTION = re.compile(r"w\d+|g-?\d+|a\d+|a-static|sym|asym|fp8|scale-model|kv\d+|clip.*|rule:.*")
 
 
-def _checked_weight(bits: int, group: int, sym: bool, clip: float) -> QuantSpec:
+def _checked_weight(bits: int, group: int, sym: bool, clip: float, scale_dtype: str) -> QuantSpec:
     if group < -1:
         raise ConfigError(f"group size {group}: use a positive size, or 0 / -1 for per channel")
-    return weight_spec(bits, group, sym, clip)
+    return weight_spec(bits, group, sym, clip, scale_dtype)
 
 
 def _parse_rule(text: str) -> LayerRule:

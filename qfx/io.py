@@ -224,14 +224,38 @@ class _atomic_dir:
 # -- torch.export programs ----------------------------------------------------------------
 
 
-def export(qmodel: GraphModule, path: str | os.PathLike, example_inputs: tuple | None = None) -> Path:
-    """Write a torch.export program (.pt2) of `qmodel`; reload with `load_exported`.
+EXPORT_FORMATS = ("pt2", "compressed-tensors", "gptq")
 
-    HF-captured models are exported with dynamic batch and sequence dimensions.
+
+def export(
+    qmodel: GraphModule,
+    path: str | os.PathLike,
+    example_inputs: tuple | None = None,
+    format: str = "pt2",
+    tokenizer=None,
+) -> Path:
+    """Write `qmodel` for another runtime.
+
+    format "pt2": a torch.export program (reload with `load_exported`); HF-captured models
+        get dynamic batch and sequence dimensions.
+    format "compressed-tensors" / "gptq": a Hugging Face folder that vLLM and transformers
+        load (see qfx.formats); `tokenizer` is saved into it when given.
     """
     from torch.export import Dim
 
     path = Path(path)
+    if format not in EXPORT_FORMATS:
+        raise CheckpointError(f"unknown export format {format!r}: choose one of {', '.join(EXPORT_FORMATS)}")
+    if format == "compressed-tensors":
+        from qfx.formats.compressed_tensors import export_compressed_tensors
+
+        export_compressed_tensors(qmodel, path, tokenizer)
+        return path
+    if format == "gptq":
+        from qfx.formats.gptq import export_gptq
+
+        export_gptq(qmodel, path, tokenizer)
+        return path
     source = qmodel.meta.get("qfx", {}).get("source", {})
     dynamic = None
     if example_inputs is None:

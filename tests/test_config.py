@@ -91,3 +91,10 @@ def test_recipe_dict_round_trip():
     assert Recipe.from_dict(r.to_dict()) == r
     r2 = Recipe(rules=(LayerRule("o_proj", act=None),))
     assert Recipe.from_dict(r2.to_dict()) == r2
+
+
+def test_scale_dtype_option():
+    assert Recipe.parse("w4 g64 scale-model").weight.scale_dtype == "model"
+    assert Recipe.parse("w4 g64").weight.scale_dtype == "float32"
+    with pytest.raises(ConfigError, match="scale_dtype"):
+        QuantSpec(scale_dtype="half")

@@ -28,9 +28,11 @@ def qfx_op_count(gm: GraphModule) -> int:
 @register_backend(name="qfx")
 def qfx_backend(gm: GraphModule, example_inputs, options: dict | None = None):
     from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
 
     options = dict(options or {})
     decompose = options.pop("decompose", True)
     gm.meta.setdefault("qfx", {})["backend_qfx_ops"] = qfx_op_count(gm)
-    decomps = dict(DECOMPOSITIONS) if decompose else None
+    # compile_fx *replaces* its table with the one given: extend Inductor's own, never drop it
+    decomps = {**select_decomp_table(), **DECOMPOSITIONS} if decompose else None
     return compile_fx(gm, example_inputs, config_patches=options or None, decompositions=decomps)

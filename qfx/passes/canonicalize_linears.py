@@ -2,7 +2,8 @@
 
 Requires: a captured graph. Guarantees: every `addmm(bias, x, W)` / `mm(x, W)` whose W is a
 parameter used by that node alone becomes `linear(x, W^T, bias)`, with W replaced in place by
-its transpose (GPT-2 style Conv1D stores W as (in, out)). Shared weights are left alone.
+its transpose (GPT-2 style Conv1D stores W as (in, out)); the targets transposed are listed in
+`gm.meta["qfx"]["transposed"]` for exporters. Shared weights are left alone.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def canonicalize_linears(gm: GraphModule) -> GraphModule:
         owner = gm.get_submodule(owner_path)
         param = getattr(owner, name)
         setattr(owner, name, torch.nn.Parameter(param.detach().t().contiguous(), requires_grad=False))
+        gm.meta.setdefault("qfx", {}).setdefault("transposed", []).append(w.target)
         args = (node.args[x_i], w) + ((node.args[b_i],) if b_i is not None else ())
         with gm.graph.inserting_before(node):
             lin = gm.graph.call_function(torch.ops.aten.linear.default, args)

@@ -37,7 +37,7 @@ def quantize_weight_tensors(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch
     """
     if spec.dtype == "fp8":
         amax = w.detach().float().abs().amax(-1, keepdim=True) * spec.clip_ratio
-        scale = P.fp8_scale(amax)
+        scale = _round_scale(P.fp8_scale(amax), spec, w.dtype)
         return {"qweight": P.fp8_quantize(w, scale), "w_scale": scale}
     if spec.granularity == "tensor":
         scale, zero = P.choose_qparams(w.amin() * spec.clip_ratio, w.amax() * spec.clip_ratio, spec.bits, spec.symmetric)
@@ -45,11 +45,17 @@ def quantize_weight_tensors(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch
         zero = None if zero is None else zero.reshape(1, 1).expand(w.shape[0], 1).contiguous()
     else:
         scale, zero = P.weight_qparams(w.detach(), spec.bits, spec.symmetric, spec.group_size, spec.clip_ratio)
+    scale = _round_scale(scale, spec, w.dtype)
     codes = P.quantize_weight(w.detach(), scale, zero, spec.bits, op_group_size(spec) or None)
     out = {"qweight": P.pack(codes, spec.bits), "w_scale": scale}
     if zero is not None:
         out["w_zero"] = zero
     return out
+
+
+def _round_scale(scale: torch.Tensor, spec: QuantSpec, model_dtype: torch.dtype) -> torch.Tensor:
+    """Float32 scales, rounded through the model dtype first when the spec asks for it."""
+    return scale.to(model_dtype).float() if spec.scale_dtype == "model" else scale
 
 
 def empty_weight_tensors(plan: LinearPlan) -> dict[str, torch.Tensor]:

@@ -50,3 +50,14 @@ def test_allocate_only_gives_the_same_layout(llama):
     empty = quantize_linears(annotate_linears(capture(llama), Recipe.parse("w3 g20 asym a8")), allocate_only=True)
     shapes = lambda gm: {k: (tuple(v.shape), v.dtype) for k, v in gm.named_buffers()}  # noqa: E731
     assert shapes(real) == shapes(empty)
+
+
+def test_model_dtype_scales_are_exact_in_that_dtype():
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    exact = _convert(model, "w4 g32 scale-model")
+    scale = get_attr_tensor(exact, "model.layers.0.mlp.up_proj.w_scale")
+    assert scale.dtype == torch.float32 and torch.equal(scale, scale.bfloat16().float())
+    plain = get_attr_tensor(_convert(model, "w4 g32"), "model.layers.0.mlp.up_proj.w_scale")
+    assert not torch.equal(plain, plain.bfloat16().float())

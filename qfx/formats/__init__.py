@@ -1,0 +1,122 @@
+"""Checkpoint formats other tools load: what every exporter shares.
+
+An exporter turns a quantized graph into a Hugging Face folder (config.json with a
+`quantization_config`, safetensors, tokenizer files). The graph gives two things:
+`quantized_layers` (each qfx op with its plan and tensors) and `dense_state` (every other
+tensor of the original checkpoint, under its original name).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch.fx import GraphModule
+
+from qfx.capture import get_attr_tensor
+from qfx.passes.annotate_linears import LinearPlan
+
+QOP = torch.ops.qfx.quantized_linear.default
+
+
+class ExportError(ValueError):
+    """A model that the requested format cannot represent; the message names the layer."""
+
+
+@dataclass
+class QuantizedLayer:
+    path: str
+    plan: LinearPlan
+    qweight: torch.Tensor  # (N, ceil(K/8)*bits) uint8 packed codes, or (N, K) fp8
+    w_scale: torch.Tensor  # (N, G) float32
+    w_zero: torch.Tensor | None  # (N, G) uint8 codes
+    a_scale: torch.Tensor | None  # () float32, static activations only
+    has_bias: bool
+
+
+def quantized_layers(gm: GraphModule) -> list[QuantizedLayer]:
+    layers = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target is not QOP:
+            continue
+        plan = n.meta.get("qfx")
+        if not isinstance(plan, LinearPlan):
+            raise ExportError(f"quantized op {n.name} carries no plan; export a model from qfx.quantize / qfx.load")
+        fetch = lambda a: None if a is None else get_attr_tensor(gm, a.target)  # noqa: E731
+        _x, qw, ws, wz, bias, *_rest, a_scale = n.args
+        layers.append(QuantizedLayer(plan.path, plan, fetch(qw), fetch(ws), fetch(wz), fetch(a_scale), bias is not None))
+    return layers
+
+
+def source_of(gm: GraphModule) -> dict:
+    source = gm.meta.get("qfx", {}).get("source", {})
+    if source.get("kind") != "hf_causal_lm":
+        raise ExportError("serving formats need a model captured from a Hugging Face causal LM")
+    return source
+
+
+def dense_state(gm: GraphModule, layers: list[QuantizedLayer]) -> dict[str, torch.Tensor]:
+    """Full-precision tensors under their checkpoint names; quantized weights left out,
+    Conv1D weights transposed back, tied weights written once."""
+    source = source_of(gm)
+    skip = {layer.plan.weight_target for layer in layers}
+    transposed = set(gm.meta["qfx"].get("transposed", []))
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple] = set()
+    for name in source.get("state_names", []):
+        if name in skip:
+            continue
+        try:
+            t = get_attr_tensor(gm, name)
+        except AttributeError:
+            continue  # not read by the graph (e.g. an unused buffer)
+        if not isinstance(t, torch.Tensor):
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            continue  # a tied weight: the model re-ties it on load
+        seen.add(key)
+        t = t.detach()
+        out[name] = (t.t() if name in transposed else t).contiguous().cpu()
+    return out
+
+
+def hf_config(gm: GraphModule, layers: list[QuantizedLayer], quantization_config: dict) -> dict:
+    source = source_of(gm)
+    config = copy.deepcopy(source["config"])
+    if any(layer.plan.is_head for layer in layers):
+        config["tie_word_embeddings"] = False  # the head is quantized; the embedding is not
+    config["quantization_config"] = quantization_config
+    config["torch_dtype"] = source.get("dtype")
+    return config
+
+
+def write_hf_folder(path, config: dict, tensors: dict[str, torch.Tensor], tokenizer=None, extra_files=None) -> Path:
+    """Write config.json, model.safetensors, tokenizer files (atomically: temp folder, rename)."""
+    from qfx.io import _atomic_dir
+
+    with _atomic_dir(path, overwrite=False) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str))
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_text(content)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return Path(path)
+
+
+def copy_tokenizer_files(src: str | os.PathLike | None) -> object | None:
+    """The tokenizer saved next to a qfx checkpoint, if any."""
+    if src is None:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(src))
+    except (OSError, ValueError):
+        return None
