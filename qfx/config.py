@@ -117,9 +117,10 @@ def weight_spec(
     )
 
 
-def act_spec(bits: int, dynamic: bool = True, fp8: bool = False) -> QuantSpec:
+def act_spec(bits: int, dynamic: bool = True, fp8: bool = False, scale_dtype: str = "float32") -> QuantSpec:
     """Activation spec: symmetric, per-token dynamic (default) or per-tensor static."""
     return QuantSpec(
+        scale_dtype=scale_dtype,
         bits=8 if fp8 else bits,
         dtype="fp8" if fp8 else "int",
         symmetric=True,
@@ -264,10 +265,10 @@ class Recipe:
                 raise ConfigError(f"recipe token {tok!r} not understood in {text!r} (see qfx.config docstring)")
         if fp8:
             weight = QuantSpec(bits=8, dtype="fp8", granularity="channel", group_size=None, scale_dtype=scale_dtype)
-            act = act_spec(8, a_dynamic, fp8=True)
+            act = act_spec(8, a_dynamic, fp8=True, scale_dtype=scale_dtype)
         else:
             weight = None if w_bits == 16 else _checked_weight(w_bits, group, sym, clip, scale_dtype)
-            act = None if a_bits == 16 else act_spec(a_bits, a_dynamic)
+            act = None if a_bits == 16 else act_spec(a_bits, a_dynamic, scale_dtype=scale_dtype)
         kv_spec = None
         if kv is not None and kv != 16:
             kv_spec = QuantSpec(bits=kv, symmetric=False, granularity="token", group_size=None, dynamic=True)

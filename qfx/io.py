@@ -88,8 +88,14 @@ def save(qmodel: GraphModule, path: str | os.PathLike, tokenizer=None, overwrite
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> GraphModule:
-    """Load a folder written by `save`; the result computes bit-identical logits."""
+    """Load a quantized model folder as a graph of qfx ops.
+
+    A qfx folder (from `save`) reloads bit-identically; a compressed-tensors or GPTQ folder
+    (config.json with a quantization_config, e.g. from `export` or another tool) is imported.
+    """
     path = Path(path)
+    if not (path / META_FILE).is_file() and (path / "config.json").is_file():
+        return _import_foreign(path).to(device)
     meta = read_meta(path)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
@@ -116,6 +122,23 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> GraphMo
     if unused:
         raise CheckpointError(f"{weights}: tensors not used by the model: {sorted(unused)[:5]}")
     return gm.to(device)
+
+
+def _import_foreign(path: Path) -> GraphModule:
+    try:
+        method = json.loads((path / "config.json").read_text()).get("quantization_config", {}).get("quant_method")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: corrupt ({e})") from None
+    if method == "compressed-tensors":
+        from qfx.formats.compressed_tensors import import_compressed_tensors
+
+        return import_compressed_tensors(path)
+    if method == "gptq":
+        from qfx.formats.gptq import import_gptq
+
+        return import_gptq(path)
+    raise CheckpointError(f"{path}: unknown checkpoint format (quant_method {method!r}); "
+                          "qfx reads qfx, compressed-tensors and gptq folders")
 
 
 def read_meta(path: Path) -> dict:

@@ -33,7 +33,8 @@ def tiny_model(arch: str = "llama", dtype: torch.dtype = torch.float32, seed: in
     for k, v in overrides.items():
         setattr(cfg, k, v)
     torch.manual_seed(seed)
-    return T.AutoModelForCausalLM.from_config(cfg).eval().to(dtype)
+    # built in its dtype, as from_pretrained(dtype=...) does (rotary tables stay float32)
+    return T.AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
 
 
 @pytest.fixture

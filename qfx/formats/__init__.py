@@ -120,3 +120,83 @@ def copy_tokenizer_files(src: str | os.PathLike | None) -> object | None:
         return AutoTokenizer.from_pretrained(str(src))
     except (OSError, ValueError):
         return None
+
+
+# -- importing checkpoints written by other tools ----------------------------------------------
+
+
+class ImportedCheckpoint:
+    """A foreign HF folder: its config (without quantization_config) and every tensor in it."""
+
+    def __init__(self, path):
+        from safetensors.torch import load_file
+
+        from qfx.io import CheckpointError
+
+        self.path = Path(path)
+        config_file = self.path / "config.json"
+        if not config_file.is_file():
+            raise CheckpointError(f"{self.path}: no config.json")
+        try:
+            self.config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{config_file}: corrupt ({e})") from None
+        self.quant_config = self.config.pop("quantization_config", None) or {}
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{self.path}: no .safetensors files")
+        self.tensors: dict[str, torch.Tensor] = {}
+        for f in files:
+            try:
+                self.tensors.update(load_file(str(f)))
+            except Exception as e:
+                raise CheckpointError(f"{f}: cannot read safetensors ({e})") from None
+
+    def take(self, name: str) -> torch.Tensor:
+        from qfx.io import CheckpointError
+
+        if name not in self.tensors:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
+        return self.tensors.pop(name)
+
+
+def build_imported_graph(ckpt: ImportedCheckpoint, recipe_for, fill_layer) -> GraphModule:
+    """Graph of qfx ops for a foreign checkpoint.
+
+    recipe_for(linear paths) -> Recipe describing the checkpoint's layout;
+    fill_layer(ckpt, plan) -> {"qweight", "w_scale", ["w_zero"], ["a_scale"]} for one layer.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qfx.capture import capture, linear_nodes, module_path, set_attr_tensor
+    from qfx.io import CheckpointError
+    from qfx.passes.annotate_linears import annotate_linears, plans
+    from qfx.passes.canonicalize_linears import canonicalize_linears
+    from qfx.passes.quantize_linears import quantize_linears
+
+    dtype = getattr(torch, str(ckpt.config.get("torch_dtype") or ckpt.config.get("dtype") or "bfloat16"))
+    config = AutoConfig.for_model(**ckpt.config)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()  # real init: computed buffers
+    state = model.state_dict()
+    # a `.weight` with a sibling `.weight_scale` holds quantized codes, not a dense weight
+    dense = {k: v for k, v in ckpt.tensors.items()
+             if k in state and not (k.endswith(".weight") and k + "_scale" in ckpt.tensors)}
+    model.load_state_dict(dense, strict=False)
+    for k in dense:
+        ckpt.tensors.pop(k)
+    gm = canonicalize_linears(capture(model))
+    recipe = recipe_for([module_path(n) for n in linear_nodes(gm)])
+    gm = quantize_linears(annotate_linears(gm, recipe), allocate_only=True)
+    for _node, plan in plans(gm):
+        for name, value in fill_layer(ckpt, plan).items():
+            target = f"{plan.path}.{name}"
+            expected = get_attr_tensor(gm, target)
+            if tuple(value.shape) != tuple(expected.shape):
+                raise CheckpointError(f"{ckpt.path}: {target} has shape {tuple(value.shape)}, "
+                                      f"the model expects {tuple(expected.shape)}")
+            set_attr_tensor(gm, target, value.to(expected.dtype))
+    gm.meta["qfx"]["recipe"] = recipe.to_dict()
+    leftover = [k for k in ckpt.tensors if not k.endswith(("weight_shape", "g_idx"))]
+    if leftover:
+        raise CheckpointError(f"{ckpt.path}: tensors the model does not use: {sorted(leftover)[:5]}")
+    return gm

@@ -16,6 +16,7 @@ Layers with the same specs form one config group that targets them by module pat
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import torch
@@ -150,3 +151,84 @@ def _ignored_linears(gm: GraphModule, layers: list[QuantizedLayer]) -> list[str]
 
     quantized = {layer.path for layer in layers}
     return sorted({module_path(n) for n in linear_nodes(gm)} - quantized)
+
+
+# -- import -----------------------------------------------------------------------------------
+
+
+def _spec_from_args(args: dict | None, weights: bool):
+    from qfx.config import ConfigError, QuantSpec
+
+    if args is None:
+        return None
+    fp8 = args.get("type") == "float"
+    strategy = args.get("strategy") or ("group" if args.get("group_size") else "tensor")
+    if weights:
+        if strategy not in ("group", "channel", "tensor"):
+            raise ConfigError(f"compressed-tensors weight strategy {strategy!r} is not supported by qfx")
+        return QuantSpec(bits=args["num_bits"], dtype="fp8" if fp8 else "int", symmetric=bool(args.get("symmetric", True)),
+                         granularity=strategy, group_size=args.get("group_size") if strategy == "group" else None,
+                         scale_dtype="model")
+    if strategy not in ("token", "tensor") or not args.get("symmetric", True):
+        raise ConfigError(f"compressed-tensors activation scheme {args} is not supported by qfx")
+    dynamic = bool(args.get("dynamic", strategy == "token"))
+    return QuantSpec(bits=args["num_bits"], dtype="fp8" if fp8 else "int", symmetric=True,
+                     granularity="token" if dynamic else "tensor", group_size=None, dynamic=dynamic)
+
+
+def _target_pattern(target: str) -> str | None:
+    if target.startswith("re:"):
+        return f"^(?:{target[3:]})"
+    if target[:1].isupper() and "." not in target:
+        return None  # a class name such as "Linear": every linear
+    return f"^{re.escape(target)}$"
+
+
+def _recipe(quant_config: dict, paths: list[str]):
+    from qfx.config import LayerRule, Recipe
+
+    rules, default = [], None
+    for target in quant_config.get("ignore", []) or []:
+        pattern = _target_pattern(target)
+        if pattern is not None:
+            rules.append(LayerRule(pattern, weight=None, act=None))
+    for group in quant_config.get("config_groups", {}).values():
+        w, a = _spec_from_args(group.get("weights"), True), _spec_from_args(group.get("input_activations"), False)
+        for target in group.get("targets", []):
+            pattern = _target_pattern(target)
+            if pattern is None:
+                default = (w, a)
+            else:
+                rules.append(LayerRule(pattern, weight=w, act=a))
+    if default is None:  # only named targets: everything else stays in full precision
+        rules.append(LayerRule(".*", weight=None, act=None))
+        default = (None, None)
+    return Recipe(weight=default[0], act=default[1], rules=tuple(rules), quantize_head=True)
+
+
+def _fill(ckpt, plan) -> dict[str, torch.Tensor]:
+    p, spec = plan.path, plan.weight
+    out = {"w_scale": ckpt.take(f"{p}.weight_scale").float().reshape(plan.out_features, -1)}
+    if spec.dtype == "fp8":
+        out["qweight"] = ckpt.take(f"{p}.weight")
+    elif f"{p}.weight_packed" in ckpt.tensors:
+        codes = unpack_int32(ckpt.take(f"{p}.weight_packed"), spec.bits, plan.in_features)
+        out["qweight"] = P.pack(codes, spec.bits)
+        if not spec.symmetric:
+            zp = ckpt.take(f"{p}.weight_zero_point")
+            out["w_zero"] = unpack_int32(zp.t().contiguous(), spec.bits, plan.out_features).t().contiguous()
+    else:
+        signed = ckpt.take(f"{p}.weight")
+        out["qweight"] = P.pack((signed.to(torch.int16) + (1 << (spec.bits - 1))).to(torch.uint8), spec.bits)
+    if plan.act is not None and not plan.act.dynamic:
+        out["a_scale"] = ckpt.take(f"{p}.input_scale").float().reshape(())
+    return out
+
+
+def import_compressed_tensors(path) -> GraphModule:
+    """A compressed-tensors folder (from qfx, llm-compressor, ...) as a graph of qfx ops."""
+    from qfx.formats import ImportedCheckpoint, build_imported_graph
+
+    ckpt = ImportedCheckpoint(path)
+    qc = ckpt.quant_config
+    return build_imported_graph(ckpt, lambda paths: _recipe(qc, paths), _fill)

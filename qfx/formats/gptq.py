@@ -13,6 +13,7 @@ activation quantization.
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 from torch.fx import GraphModule
@@ -92,3 +93,55 @@ def export_gptq(qmodel: GraphModule, path, tokenizer=None) -> None:
     }
     write_hf_folder(path, hf_config(qmodel, layers, quant_config), tensors, tokenizer,
                     extra_files={"quantize_config.json": json.dumps(quant_config, indent=1)})
+
+
+# -- import -----------------------------------------------------------------------------------
+
+
+def unpack_along_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `pack_along_rows`: int32 (R*bits/32, C) -> codes (R, C) uint8."""
+    per_word = 32 // bits
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(per_word, dtype=torch.int64).reshape(1, per_word, 1) * bits
+    codes = (w.unsqueeze(1) >> shifts) & ((1 << bits) - 1)  # (R/pw, pw, C)
+    return codes.reshape(-1, words.shape[1]).to(torch.uint8)
+
+
+def import_gptq(path) -> GraphModule:
+    """A GPTQ v1 folder as a graph of qfx ops (act-order checkpoints are refused)."""
+    from qfx.config import LayerRule, Recipe, weight_spec
+    from qfx.formats import ImportedCheckpoint, build_imported_graph
+    from qfx.io import CheckpointError
+
+    ckpt = ImportedCheckpoint(path)
+    qc = ckpt.quant_config
+    if qc.get("checkpoint_format", "gptq") != "gptq":
+        raise CheckpointError(f"{path}: GPTQ checkpoint_format {qc.get('checkpoint_format')!r}; qfx reads 'gptq' (v1)")
+    bits, group, sym = int(qc["bits"]), int(qc.get("group_size", -1)), bool(qc.get("sym", True))
+    if bits not in GPTQ_BITS:
+        raise CheckpointError(f"{path}: {bits}-bit GPTQ checkpoints are not supported (use {GPTQ_BITS})")
+    spec = weight_spec(bits, 0 if group == -1 else group, sym, scale_dtype="model")
+
+    def recipe_for(paths):
+        skip = tuple(LayerRule(f"^{re.escape(p)}$", weight=None, act=None) for p in paths
+                     if f"{p}.qweight" not in ckpt.tensors)
+        return Recipe(weight=spec, rules=skip, quantize_head=True)
+
+    def fill(ckpt, plan):
+        p, n, k = plan.path, plan.out_features, plan.in_features
+        g_idx = ckpt.take(f"{p}.g_idx").long()
+        group_size = k if group == -1 else group
+        if not torch.equal(g_idx, torch.arange(k) // group_size):
+            raise CheckpointError(f"{path}: {p}.g_idx is not k // group_size (act-order); not supported yet")
+        codes = unpack_along_rows(ckpt.take(f"{p}.qweight"), bits)[:k].t().contiguous()  # (N, K)
+        zeros = unpack_along_rows(ckpt.take(f"{p}.qzeros").t().contiguous(), bits)[:n].t()  # (G, N) -> stored z-1
+        zeros = ((zeros.to(torch.int16) + 1) & ((1 << bits) - 1 if not sym else 0xFFFF)).t().contiguous()
+        out = {"qweight": P.pack(codes, bits), "w_scale": ckpt.take(f"{p}.scales").float().t().contiguous()}
+        if sym:
+            if not bool((zeros == (1 << (bits - 1))).all()):
+                raise CheckpointError(f"{path}: {p}.qzeros are not the symmetric midpoint but sym=true")
+        else:
+            out["w_zero"] = zeros.to(torch.uint8)
+        return out
+
+    return build_imported_graph(ckpt, recipe_for, fill)

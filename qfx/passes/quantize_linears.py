@@ -93,7 +93,7 @@ def quantize_linears(gm: GraphModule, allocate_only: bool = False) -> GraphModul
             a_scale = torch.empty((), dtype=torch.float32)
         tensors = empty_weight_tensors(plan) if allocate_only else quantize_weight_tensors(weight, plan.weight)
         if a_scale is not None:
-            tensors["a_scale"] = a_scale.reshape(()).float()
+            tensors["a_scale"] = _round_scale(a_scale.reshape(()).float(), plan.act, weight.dtype)
         attr_nodes = {}
         with gm.graph.inserting_before(node):
             for name, t in tensors.items():
