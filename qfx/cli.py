@@ -61,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-fp-eval", action="store_true", help="skip evaluating the full-precision model")
     q.add_argument("--output", default=None, help="folder to save the quantized model to (written atomically)")
     q.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    q.add_argument("--report", default=None, metavar="DIR",
+                   help="write a per-layer error / outlier report (Markdown, JSON, PNG) on the calibration text")
+
+    x = sub.add_parser("export", help="convert a saved qfx folder to a format other tools load")
+    x.add_argument("checkpoint", help="a folder written by qfx quantize --output")
+    x.add_argument("--format", required=True, choices=["compressed-tensors", "gptq", "pt2"],
+                   help="compressed-tensors / gptq: Hugging Face folders for vLLM and transformers; pt2: torch.export")
+    x.add_argument("--output", required=True, help="folder (or .pt2 file) to write; must not exist")
+    x.add_argument("--json", action="store_true", help="end with one JSON line of results on stdout")
 
     e = sub.add_parser("eval", help="perplexity of a model or a saved qfx folder")
     _add_common(e)
@@ -137,6 +146,14 @@ def cmd_quantize(a: argparse.Namespace) -> dict:
     qmodel = qfx.convert(prepared)
     quant_seconds = time.time() - t_quant
     ppl_q = perplexity(qmodel, windows, a.batch_size, a.device, progress, "eval quant") if windows is not None else None
+    report_dir = None
+    if a.report:
+        from qfx.report import layer_report, write_report
+
+        samples = calibration_samples(tokenize(read_text(a.calib), tokenizer), min(a.calib_samples, 8),
+                                      min(a.seq_len, 512), a.seed)
+        report_dir = str(write_report(layer_report(model, qmodel, samples.split(1)), a.report,
+                                      f"qfx report: {a.model}, {recipe_text}"))
     checkpoint_bytes = None
     if a.output:
         save(qmodel, a.output, tokenizer=tokenizer, overwrite=a.overwrite)
@@ -156,6 +173,7 @@ def cmd_quantize(a: argparse.Namespace) -> dict:
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "checkpoint_bytes": checkpoint_bytes,
         "output": a.output,
+        "report": report_dir,
         "device": a.device,
         "dtype": a.dtype,
     }
@@ -206,6 +224,21 @@ def cmd_eval(a: argparse.Namespace) -> dict:
     }
 
 
+def cmd_export(a: argparse.Namespace) -> dict:
+    from qfx.formats import copy_tokenizer_files
+    from qfx.io import CheckpointError, export, load
+
+    start = time.time()
+    if Path(a.output).exists():
+        raise CheckpointError(f"--output {a.output} exists; choose a new path")
+    qmodel = load(a.checkpoint)
+    export(qmodel, a.output, format=a.format, tokenizer=copy_tokenizer_files(a.checkpoint))
+    out = Path(a.output)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else out.stat().st_size
+    return {"checkpoint": a.checkpoint, "format": a.format, "output": a.output, "bytes": size,
+            "seconds": round(time.time() - start, 3)}
+
+
 def _print_human(result: dict) -> None:
     for k, v in result.items():
         if v is not None:
@@ -222,10 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     from qfx.models import ModelError
     from qfx.observers import ObserverError
 
-    user_errors = (ConfigError, CaptureError, DataError, CheckpointError, ModelError, ObserverError, QuantizeError,
-                   ValueError, FloatingPointError)
+    from qfx.formats import ExportError
+
+    user_errors = (ConfigError, CaptureError, DataError, CheckpointError, ExportError, ModelError, ObserverError,
+                   QuantizeError, ValueError, FloatingPointError)
     try:
-        result = cmd_quantize(args) if args.command == "quantize" else cmd_eval(args)
+        commands = {"quantize": cmd_quantize, "eval": cmd_eval, "export": cmd_export}
+        result = commands[args.command](args)
     except user_errors as e:
         print(f"qfx {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -94,3 +94,26 @@ def test_recipe_string_from_flags():
     a = build_parser().parse_args(["quantize", "--w-bits", "3", "--w-group", "-1", "--w-asym", "--a-bits", "8",
                                    "--rule", "down_proj=w8", "--method", "rtn"])
     assert recipe_string(a) == "rtn w3 g-1 asym a8 rule:down_proj=w8"
+
+
+def test_export_command_writes_each_format(capsys, tmp_path, tiny_hf_dir):
+    saved = tmp_path / "q"
+    code, _, err = _run(capsys, "quantize", "--model", tiny_hf_dir, "--w-bits", 4, "--w-group", 32,
+                        "--w-scale-dtype", "model", "--output", saved, "--device", "cpu", "--quiet")
+    assert code == 0, err
+    for fmt, name in (("compressed-tensors", "ct"), ("gptq", "gptq"), ("pt2", "m.pt2")):
+        code, out, err = _run(capsys, "export", saved, "--format", fmt, "--output", tmp_path / name, "--json")
+        assert code == 0, err
+        assert json.loads(out.strip().splitlines()[-1])["bytes"] > 0
+    assert (tmp_path / "ct" / "tokenizer.json").is_file()
+    code, _, err = _run(capsys, "export", saved, "--format", "gptq", "--output", tmp_path / "gptq")
+    assert code == 2 and "exists" in err
+
+
+def test_quantize_report_flag(capsys, tmp_path, tiny_hf_dir):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("some calibration text about many things " * 200)
+    code, out, err = _run(capsys, "quantize", "--model", tiny_hf_dir, "--report", tmp_path / "rep", "--calib", calib,
+                          "--calib-samples", 2, "--seq-len", 32, "--device", "cpu", "--json", "--quiet")
+    assert code == 0, err
+    assert (tmp_path / "rep" / "report.md").is_file()
