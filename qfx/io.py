@@ -303,8 +303,37 @@ def export(
 
 
 def load_exported(path: str | os.PathLike) -> torch.nn.Module:
-    """Load a .pt2 written by `export` as a runnable module (needs `import qfx` for its ops)."""
+    """Load a .pt2 written by `export` as a runnable module (needs `import qfx` for its ops).
+
+    The archive is checked first so that loading runs no pickled code: tensors must be raw
+    bytes, and sample inputs must load with `weights_only=True` (torch.export.load would
+    otherwise retry them with full unpickling).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such exported program")
+    _check_no_pickled_code(path)
     return torch.export.load(str(path)).module()
+
+
+def _check_no_pickled_code(path: Path) -> None:
+    import io
+    import zipfile
+
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise CheckpointError(f"{path}: not a .pt2 archive") from None
+    with archive:
+        for name in archive.namelist():
+            if name.endswith(("_weights_config.json", "_constants_config.json")):
+                entries = json.loads(archive.read(name)).get("config", {})
+                pickled = [k for k, v in entries.items() if v.get("use_pickle")]
+                if pickled:
+                    raise CheckpointError(f"{path}: tensors stored as pickles ({pickled[:3]}); refusing to unpickle")
+            elif "/sample_inputs/" in name:
+                try:
+                    torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+                except Exception as e:
+                    raise CheckpointError(f"{path}: {name} needs unpickling beyond tensors ({type(e).__name__}); "
+                                          "refusing to load it") from None

@@ -120,3 +120,47 @@ def test_exported_program_runs_in_a_fresh_process(qmodel, tmp_path, token_ids):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+class _Payload:  # any class a pickle could name; loading it would run code
+    pass
+
+
+def _rewrite_archive(src, dst, replace):
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            for suffix, new in replace.items():
+                if item.filename.endswith(suffix):
+                    data = new(data)
+            zout.writestr(item, data)
+
+
+def test_exported_archives_that_need_unpickling_are_refused(qmodel, tmp_path):
+    import io
+
+    good = export(qmodel, tmp_path / "m.pt2")
+
+    def flag_pickle(data):
+        config = json.loads(data)
+        first = next(iter(config["config"]))
+        config["config"][first]["use_pickle"] = True
+        return json.dumps(config).encode()
+
+    _rewrite_archive(good, tmp_path / "a.pt2", {"_weights_config.json": flag_pickle})
+    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+        load_exported(tmp_path / "a.pt2")
+
+    def pickled_object(_data):
+        buf = io.BytesIO()
+        torch.save(((_Payload(),), {}), buf)
+        return buf.getvalue()
+
+    _rewrite_archive(good, tmp_path / "b.pt2", {"sample_inputs/model.pt": pickled_object})
+    with pytest.raises(CheckpointError, match="needs unpickling"):
+        load_exported(tmp_path / "b.pt2")
+    (tmp_path / "c.pt2").write_bytes(b"not a zip")
+    with pytest.raises(CheckpointError, match="not a .pt2"):
+        load_exported(tmp_path / "c.pt2")
