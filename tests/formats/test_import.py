@@ -80,3 +80,38 @@ def test_foreign_checkpoints_with_problems_are_refused(tmp_path):
     act_order["model.layers.0.self_attn.q_proj.g_idx"] = torch.randperm(64).to(torch.int32) // 16
     with pytest.raises(qfx.CheckpointError, match="act-order"):
         qfx.load(variant("actorder", tensors=act_order))
+
+
+def _write_with_compressed_tensors(path):
+    """A checkpoint made by the compressed-tensors library itself (its qparams, its packing)."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 apply_quantization_config)
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    args = QuantizationArgs(num_bits=4, symmetric=True, strategy="group", group_size=16)
+    apply_quantization_config(model, QuantizationConfig(
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)}, ignore=["lm_head"]))
+    for module in model.modules():
+        if getattr(module, "quantization_scheme", None) is not None:
+            groups = module.weight.detach().reshape(module.weight.shape[0], -1, 16)
+            scale, _ = calculate_qparams(groups.amin(-1), groups.amax(-1), module.quantization_scheme.weights)
+            module.weight_scale.data.copy_(scale)
+    ModelCompressor.from_pretrained_model(model).compress_model(model)
+    model.save_pretrained(path)
+    ModelCompressor.from_pretrained_model(model).update_config(path)
+
+
+def test_checkpoint_from_another_tool_matches_transformers_and_compiles(tmp_path, token_ids):
+    from transformers import AutoModelForCausalLM
+
+    _write_with_compressed_tensors(tmp_path / "foreign")
+    imported = qfx.load(tmp_path / "foreign")
+    assert qfx.passes.counts(imported)["quantize_linears"] == 14
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "foreign").eval()
+    with torch.no_grad():
+        expected = reference(input_ids=token_ids).logits
+        assert torch.equal(imported(token_ids), expected)
+        compiled = torch.compile(imported, backend="qfx")
+        torch.testing.assert_close(compiled(token_ids).float(), expected.float(), rtol=0.02, atol=0.02)
