@@ -1,4 +1,4 @@
-"""RTN perplexity of SmolLM2-135M on WikiText-2 through the qfx CLI, one row per setting.
+"""RTN and GPTQ perplexity of SmolLM2-135M on WikiText-2 through the qfx CLI, one row per setting.
 
     python benchmarks/rtn_smollm2.py [--eval-windows N] [--device cpu|cuda] [--out benchmarks/results]
 
@@ -24,11 +24,13 @@ SETTINGS = [
     ("W4A16 g64 sym", ["--w-bits", "4", "--w-group", "64", "--w-sym"]),
     ("W3A16 g64 asym", ["--w-bits", "3", "--w-group", "64", "--w-asym"]),
     ("W8A8 per-channel / per-token", ["--w-bits", "8", "--w-group", "0", "--a-bits", "8"]),
+    ("GPTQ W4A16 g64 asym", ["--method", "gptq", "--w-bits", "4", "--w-group", "64", "--w-asym"]),
+    ("GPTQ W3A16 g64 asym", ["--method", "gptq", "--w-bits", "3", "--w-group", "64", "--w-asym"]),
 ]
 
 
 def run(setting_args, common, fp: bool) -> dict:
-    cmd = [sys.executable, "-m", "qfx.cli", "quantize", "--method", "rtn", *setting_args, *common, "--json", "--quiet"]
+    cmd = [sys.executable, "-m", "qfx.cli", "quantize", *setting_args, *common, "--json", "--quiet"]
     if not fp:
         cmd.append("--no-fp-eval")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -40,9 +42,11 @@ def main() -> None:
     p.add_argument("--eval-windows", type=int, default=None, help="default: all windows of the text")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--calib-samples", type=int, default=32, help="GPTQ calibration samples of --seq-len tokens")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = p.parse_args()
-    common = ["--model", "smollm2-135m", "--eval", str(WIKITEXT), "--seq-len", str(a.seq_len), "--device", a.device]
+    common = ["--model", "smollm2-135m", "--eval", str(WIKITEXT), "--seq-len", str(a.seq_len), "--device", a.device,
+              "--calib", "wiki-summaries", "--calib-samples", str(a.calib_samples)]
     if a.eval_windows:
         common += ["--eval-windows", str(a.eval_windows)]
     rows, ppl_fp = [], None
@@ -64,12 +68,14 @@ def main() -> None:
         "transformers": transformers.__version__,
         "protocol": f"WikiText-2 test ({WIKITEXT.name}, rows joined by newlines), non-overlapping windows of "
         f"{a.seq_len} tokens from the start, {rows[0]['eval_windows']} windows = {rows[0]['eval_tokens']} tokens; "
-        "model in bfloat16; embeddings and lm_head in bfloat16; no calibration (RTN)",
+        "model in bfloat16; embeddings and lm_head in bfloat16; RTN uses no calibration; GPTQ "
+        f"(act-order, damp 0.01, not yet block-sequential) calibrates on {a.calib_samples} x {a.seq_len} tokens of "
+        "wiki-summaries (Wikipedia lead sections, not the evaluation text)",
     }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rtn_smollm2_{a.device}.json").write_text(json.dumps({**header, "rows": rows}, indent=1))
-    lines = [f"# RTN on SmolLM2-135M ({a.device})", ""] + [f"- {k}: {v}" for k, v in header.items()] + [
+    lines = [f"# RTN and GPTQ on SmolLM2-135M ({a.device})", ""] + [f"- {k}: {v}" for k, v in header.items()] + [
         "", "| setting | ppl | ppl / fp | quantize s |", "|---|---|---|---|",
         f"| FP (bf16) | {ppl_fp:.3f} | 1.000 | |",
     ]

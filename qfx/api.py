@@ -41,7 +41,7 @@ def prepare(
             "with parameter weights; qfx quantizes linear / Conv1D projections"
         )
     gm = annotate_linears(gm, recipe)
-    gm = insert_observers(gm)
+    gm = insert_observers(gm, recipe)
     gm.meta["qfx"]["recipe"] = recipe.to_dict()
     return gm
 
@@ -72,6 +72,6 @@ def quantize(
     prepared = prepare(model, recipe, example_inputs, dtype=dtype)
     if needs_calibration(prepared):
         if calib is None:
-            raise ConfigError("this recipe has static activation scales and needs calibration data: pass calib=")
+            raise ConfigError("this recipe needs calibration data (static activation scales or GPTQ): pass calib=")
         calibrate(prepared, calib, progress=progress)
     return convert(prepared)

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model, optionally evaluate and save it")
     _add_common(q)
-    q.add_argument("--method", default="rtn", help="comma-separated pipeline, left to right (this version: rtn)")
+    q.add_argument("--method", default="rtn", help="comma-separated pipeline, left to right: rtn, gptq")
     q.add_argument("--w-bits", type=int, default=4, help="weight bits, 2..8; 16 = not quantized")
     q.add_argument("--w-group", type=int, default=128, help="weight group size; 0 or -1 = per channel")
     sym = q.add_mutually_exclusive_group()
@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--fp8", action="store_true", help="fp8 e4m3 weights (per channel) and activations (per token)")
     q.add_argument("--rule", action="append", default=[], metavar="REGEX=SPEC",
                    help="per-layer override, e.g. down_proj=w8, lm_head=w8, 'layers\\.0\\.'=skip (repeatable)")
+    q.add_argument("--damp", type=float, default=0.01, help="GPTQ damping (fraction of the mean Hessian diagonal)")
+    q.add_argument("--no-act-order", dest="act_order", action="store_false",
+                   help="GPTQ: visit columns left to right (default: by decreasing Hessian diagonal)")
     q.add_argument("--recipe", default=None, help="a whole recipe string instead of the flags above")
     q.add_argument("--calib", default="wiki-summaries", help="calibration text source (used when the recipe needs it)")
     q.add_argument("--calib-samples", type=int, default=128, help="calibration samples of --seq-len tokens")
@@ -88,6 +91,10 @@ def recipe_string(a: argparse.Namespace) -> str:
             parts.append(f"clip{a.w_clip}")
     if a.w_scale_dtype == "model":
         parts.append("scale-model")
+    if a.damp != 0.01:
+        parts.append(f"damp{a.damp}")
+    if not a.act_order:
+        parts.append("no-act-order")
     if a.a_static:
         parts.append("a-static")
     parts += [f"rule:{r}" for r in a.rule]

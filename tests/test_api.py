@@ -82,3 +82,22 @@ def test_plain_module_quantizes():
     # the last linear feeds the output: it is the "head" and stays in full precision by default
     assert counts(q)["quantize_linears"] == 1
     torch.testing.assert_close(q(x), m(x), rtol=0.05, atol=0.05)
+
+
+def test_gptq_beats_rtn_on_held_out_tokens(llama):
+    g = torch.Generator().manual_seed(11)
+    calib = [torch.randint(0, 128, (4, 32), generator=g) for _ in range(4)]
+    held_out = torch.randint(0, 128, (4, 32), generator=g)
+    gptq = qfx.quantize(llama, "gptq w3 g16 asym", calib=calib, progress=False)
+    rtn = qfx.quantize(llama, "rtn w3 g16 asym")
+    assert counts(gptq)["quantize_linears"] == 14
+    with torch.no_grad():
+        ref = llama(input_ids=held_out, use_cache=False).logits
+        err_gptq = (gptq(held_out) - ref).norm()
+        err_rtn = (rtn(held_out) - ref).norm()
+    assert err_gptq < 0.9 * err_rtn
+
+
+def test_gptq_needs_calibration(llama):
+    with pytest.raises(ConfigError, match="needs calibration"):
+        qfx.quantize(llama, "gptq w4 g32")

@@ -117,3 +117,14 @@ def test_quantize_report_flag(capsys, tmp_path, tiny_hf_dir):
                           "--calib-samples", 2, "--seq-len", 32, "--device", "cpu", "--json", "--quiet")
     assert code == 0, err
     assert (tmp_path / "rep" / "report.md").is_file()
+
+
+def test_gptq_method_from_the_command_line(capsys, tmp_path, tiny_hf_dir):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("calibration text for the second order statistics of every layer " * 300)
+    code, out, err = _run(capsys, "quantize", "--model", tiny_hf_dir, "--method", "gptq", "--w-bits", 4,
+                          "--w-group", 32, "--calib", calib, "--calib-samples", 4, "--seq-len", 64,
+                          "--eval", WIKITEXT, "--eval-windows", 2, "--device", "cpu", "--json", "--quiet")
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["method"] == "gptq" and result["calib_samples"] == 4 and result["quantized_linears"] == 14

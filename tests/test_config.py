@@ -98,3 +98,12 @@ def test_scale_dtype_option():
     assert Recipe.parse("w4 g64").weight.scale_dtype == "float32"
     with pytest.raises(ConfigError, match="scale_dtype"):
         QuantSpec(scale_dtype="half")
+
+
+def test_gptq_options():
+    r = Recipe.parse("gptq w4 g128 damp0.05")
+    assert r.methods == ("gptq",) and r.weight_method == "gptq" and r.damp == 0.05 and r.act_order
+    assert not Recipe.parse("gptq w4 no-act-order").act_order
+    assert Recipe.parse("w4").weight_method == "rtn"
+    with pytest.raises(ConfigError, match="damp"):
+        Recipe.parse("gptq w4 damp1.5")

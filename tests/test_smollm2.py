@@ -112,3 +112,15 @@ def test_compiled_matches_eager_perplexity(smollm2, windows):
     # bf16 model: Inductor keeps fused intermediates in float32 where eager rounds each op to
     # bf16, so logits move by bf16 rounding; perplexity must agree to 1 %
     assert abs(fast - eager) / eager < 0.01, (fast, eager)
+
+
+def test_gptq_beats_rtn_on_wikitext(smollm2, windows):
+    from qfx.data import calibration_samples, read_text, tokenize
+
+    model, tokenizer = smollm2
+    calib = calibration_samples(tokenize(read_text("wiki-summaries")[:400_000], tokenizer), 16, 256, seed=0)
+    ppl_rtn = perplexity(qfx.quantize(model, "rtn w3 g64 asym"), windows, batch_size=4, progress=False)
+    gptq = qfx.quantize(model, "gptq w3 g64 asym", calib=calib.split(4), progress=False)  # act-order (default)
+    ppl_gptq = perplexity(gptq, windows, batch_size=4, progress=False)
+    # measured when written: 110.7 against 132.4 (both on these 2,048 WikiText tokens)
+    assert ppl_gptq < 0.9 * ppl_rtn, (ppl_gptq, ppl_rtn)

@@ -1,6 +1,7 @@
 """Replace each planned aten.linear with qfx::quantized_linear over packed weights.
 
-Requires: annotate_linears (and calibrated observers for static activations).
+Requires: annotate_linears (and calibrated observers: range observers for static
+activations, Hessian observers when the recipe's weight method is GPTQ).
 Guarantees: every LinearPlan'd linear becomes one `qfx.quantized_linear` call reading
 `<path>.qweight`, `<path>.w_scale`, optionally `<path>.w_zero` and `<path>.a_scale`
 buffers; the float weight is removed from the module when nothing else reads it; input
@@ -12,13 +13,16 @@ computed: `qfx.load` fills them from a checkpoint.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch.fx import GraphModule, Node
 
 from qfx import primitives as P
 from qfx.capture import get_attr_tensor, set_attr_tensor
-from qfx.config import QuantSpec
-from qfx.observers import RangeObserver
+from qfx.algorithms.gptq import gptq_quantize
+from qfx.config import ConfigError, QuantSpec, Recipe
+from qfx.observers import HessianObserver, RangeObserver
 from qfx.ops import NO_ACT_QUANT
 from qfx.passes import finish
 from qfx.passes.annotate_linears import LinearPlan, plans
@@ -74,24 +78,59 @@ def empty_weight_tensors(plan: LinearPlan) -> dict[str, torch.Tensor]:
     return out
 
 
+def _observers_before(gm: GraphModule, x) -> tuple[object, dict[type, torch.nn.Module], list[Node]]:
+    """Walk back through observer call_modules: (real input, observers by type, their nodes)."""
+    found: dict[type, torch.nn.Module] = {}
+    nodes = []
+    while isinstance(x, Node) and x.op == "call_module":
+        module = gm.get_submodule(x.target)
+        kind = RangeObserver if isinstance(module, RangeObserver) else HessianObserver
+        if not isinstance(module, (RangeObserver, HessianObserver)):
+            break
+        found[kind] = module
+        nodes.append(x)
+        x = x.args[0]
+    return x, found, nodes
+
+
+def _gptq_weight_tensors(w: torch.Tensor, spec: QuantSpec, hessian: HessianObserver, recipe: Recipe) -> dict:
+    if hessian.n_tokens == 0:
+        raise ConfigError(f"{hessian.name}: GPTQ saw no calibration tokens; run calibration batches first")
+    if hessian.n_tokens < w.shape[1]:
+        warnings.warn(f"{hessian.name}: GPTQ Hessian from {hessian.n_tokens} tokens for {w.shape[1]} inputs is "
+                      "rank-deficient; damping keeps it solvable, but give more calibration tokens", stacklevel=3)
+    group = spec.group_size if spec.granularity == "group" else None
+    codes, scale, zero = gptq_quantize(w, hessian.hessian, spec.bits, spec.symmetric, group, damp=recipe.damp,
+                                       act_order=recipe.act_order, clip_ratio=spec.clip_ratio)
+    if spec.scale_dtype == "model":  # keep the GPTQ codes; round scales as the spec asks
+        scale = _round_scale(scale, spec, w.dtype)
+    out = {"qweight": P.pack(codes, spec.bits), "w_scale": scale.to(w.device)}
+    if zero is not None:
+        out["w_zero"] = zero.to(w.device)
+    return out
+
+
 def quantize_linears(gm: GraphModule, allocate_only: bool = False) -> GraphModule:
+    recipe = Recipe.from_dict(gm.meta["qfx"]["recipe"]) if "recipe" in gm.meta.get("qfx", {}) else None
     replaced = 0
     for node, plan in plans(gm):
-        x = node.args[0]
+        x, observers, observer_nodes = _observers_before(gm, node.args[0])
         bias = node.args[2] if len(node.args) > 2 else None
         weight = get_attr_tensor(gm, plan.weight_target)
         a_scale = None
-        if isinstance(x, Node) and x.op == "call_module":
-            observer = gm.get_submodule(x.target)
-            if isinstance(observer, RangeObserver):
-                if not allocate_only:
-                    a_scale = observer.symmetric_scale(plan.act.bits) if plan.act.dtype == "int" else P.fp8_scale(
-                        torch.maximum(-observer.range()[0], observer.range()[1])
-                    )
-                x = x.args[0]
+        if RangeObserver in observers and not allocate_only:
+            observer = observers[RangeObserver]
+            lo, hi = observer.range()
+            a_scale = observer.symmetric_scale(plan.act.bits) if plan.act.dtype == "int" else P.fp8_scale(
+                torch.maximum(-lo, hi))
         if plan.act is not None and not plan.act.dynamic and allocate_only:
             a_scale = torch.empty((), dtype=torch.float32)
-        tensors = empty_weight_tensors(plan) if allocate_only else quantize_weight_tensors(weight, plan.weight)
+        if allocate_only:
+            tensors = empty_weight_tensors(plan)
+        elif HessianObserver in observers:
+            tensors = _gptq_weight_tensors(weight.float().cpu(), plan.weight, observers[HessianObserver], recipe)
+        else:
+            tensors = quantize_weight_tensors(weight, plan.weight)
         if a_scale is not None:
             tensors["a_scale"] = _round_scale(a_scale.reshape(()).float(), plan.act, weight.dtype)
         attr_nodes = {}
@@ -119,10 +158,10 @@ def quantize_linears(gm: GraphModule, allocate_only: bool = False) -> GraphModul
         q.meta = dict(node.meta)
         node.replace_all_uses_with(q)
         w_node = node.args[1]
-        old_x = node.args[0]
         gm.graph.erase_node(node)
-        if isinstance(old_x, Node) and old_x.op == "call_module" and not old_x.users:
-            gm.graph.erase_node(old_x)
+        for obs_node in observer_nodes:  # nearest first: each becomes unused once its user is gone
+            if not obs_node.users:
+                gm.graph.erase_node(obs_node)
         _drop_unused_attr(gm, w_node)
         replaced += 1
     gm.delete_all_unused_submodules()

@@ -1,0 +1,1 @@
+"""Per-layer quantization algorithms as pure tensor math (no FX, no modules)."""

@@ -1,0 +1,117 @@
+"""GPTQ (Frantar et al., 2022): quantize a weight column by column, pushing each column's
+rounding error onto the columns not yet quantized, weighted by the inverse Hessian of the
+layer's inputs, so that ||W X - Q X|| stays small rather than ||W - Q||.
+
+Shapes: W (N, K) with K input features; H = 2/n * X^T X (K, K) from `HessianObserver`.
+Pure tensor math: no FX, no modules. Quantization grid math comes from `qfx.primitives`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from qfx import primitives as P
+
+
+class HessianError(RuntimeError):
+    """A Hessian that stays singular after the damping retries."""
+
+
+def _qparams(w: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float):
+    """Min-max qparams of columns w (N, g) -> scale (N, 1), zero (N, 1) or None."""
+    scale, zero = P.choose_qparams(w.amin(1, keepdim=True) * clip_ratio, w.amax(1, keepdim=True) * clip_ratio,
+                                   bits, symmetric)
+    return scale, zero
+
+
+def inverse_hessian_cholesky(h: torch.Tensor, damp: float, retries: int = 4) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, retrying with 10x damping.
+
+    Warns on each retry; raises HessianError when every retry fails.
+    """
+    mean_diag = torch.mean(torch.diag(h))
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for attempt in range(retries + 1):
+        d = damp * (10**attempt)
+        try:
+            lower = torch.linalg.cholesky(h + d * mean_diag * eye)
+            hinv = torch.cholesky_inverse(lower)
+            return torch.linalg.cholesky(hinv, upper=True)
+        except torch.linalg.LinAlgError:
+            warnings.warn(f"GPTQ: Hessian not positive definite with damping {d:g}; retrying with {d * 10:g}",
+                          stacklevel=3)
+    raise HessianError(f"Hessian not positive definite even with damping {damp * 10**retries:g}")
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    group_size: int | None,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    clip_ratio: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """GPTQ of w (N, K) against Hessian h (K, K).
+
+    Returns codes (N, K) uint8, scale (N, G) float32, zero (N, G) uint8 or None, in the
+    layout of `qfx.primitives` (groups contiguous in the original column order). With
+    act_order, columns are visited by decreasing Hessian diagonal and group qparams are
+    fixed up front from the original weights ("static groups"), so groups stay contiguous.
+    """
+    w = w.detach().float().clone()
+    h = h.detach().float().clone()
+    n, k = w.shape
+    g = k if group_size is None else group_size
+    dead = torch.diag(h) == 0  # inputs that are always zero: any weight works, use 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    n_groups = P.n_groups(k, g)
+    scale = torch.empty(n, n_groups)
+    zero = None if symmetric else torch.empty(n, n_groups, dtype=torch.uint8)
+    static = act_order or group_size is None
+    if static:  # qparams from the original weights, per contiguous group
+        for gi in range(n_groups):
+            s, z = _qparams(w[:, gi * g : (gi + 1) * g], bits, symmetric, clip_ratio)
+            scale[:, gi] = s[:, 0]
+            if zero is not None:
+                zero[:, gi] = z[:, 0]
+
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+    w = w[:, perm]
+    h = h[perm][:, perm]
+    hinv = inverse_hessian_cholesky(h, damp)
+
+    codes = torch.zeros(n, k, dtype=torch.uint8)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])  # original column index
+            gi = col // g
+            if not static and col % g == 0:  # a new group: qparams from the freshest weights
+                # columns past this block still miss this block's pending updates: apply them
+                rest = min(g - (i2 - i1 - i), k - i2)
+                tail = w[:, i2 : i2 + max(rest, 0)] - err1[:, :i] @ hinv[i1 : i1 + i, i2 : i2 + max(rest, 0)]
+                fresh = torch.cat([w1[:, i:], tail], dim=1)[:, :g]
+                s, z = _qparams(fresh, bits, symmetric, clip_ratio)
+                scale[:, gi] = s[:, 0]
+                if zero is not None:
+                    zero[:, gi] = z[:, 0]
+            s_col = scale[:, gi : gi + 1]
+            z_col = None if zero is None else zero[:, gi : gi + 1]
+            q = P.quantize(w1[:, i : i + 1], s_col, z_col, bits)
+            dq = P.dequantize(q, s_col, z_col, bits)[:, 0]
+            codes[:, col] = q[:, 0]
+            e = (w1[:, i] - dq) / hinv1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return codes, scale, zero
