@@ -200,14 +200,20 @@ def get_attr_tensor(gm: torch.nn.Module, target: str) -> torch.Tensor:
     return obj
 
 
-def set_attr_tensor(gm: torch.nn.Module, target: str, value: torch.Tensor, persistent: bool = True) -> None:
-    """Register `value` as a buffer at dotted path `target`, creating parent modules as needed."""
+def set_attr_tensor(root: torch.nn.Module, target: str, value: torch.Tensor) -> None:
+    """Put `value` at dotted path `target`, creating parent modules as needed.
+
+    An existing parameter stays a parameter (frozen); anything else becomes a buffer.
+    """
     owner_path, _, name = target.rpartition(".")
-    owner = gm
+    owner = root
     for part in owner_path.split(".") if owner_path else ():
         if not hasattr(owner, part):
             owner.add_module(part, torch.nn.Module())
         owner = getattr(owner, part)
+    if name in owner._parameters:
+        owner._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+        return
     if hasattr(owner, name) and name not in owner._buffers:
-        delattr(owner, name)
-    owner.register_buffer(name, value, persistent=persistent)
+        delattr(owner, name)  # a plain attribute (e.g. a lifted constant): make it a buffer
+    owner.register_buffer(name, value)

@@ -232,14 +232,14 @@ def cmd_eval(a: argparse.Namespace) -> dict:
 
 
 def cmd_export(a: argparse.Namespace) -> dict:
-    from qfx.formats import copy_tokenizer_files
+    from qfx.formats import load_tokenizer
     from qfx.io import CheckpointError, export, load
 
     start = time.time()
     if Path(a.output).exists():
         raise CheckpointError(f"--output {a.output} exists; choose a new path")
     qmodel = load(a.checkpoint)
-    export(qmodel, a.output, format=a.format, tokenizer=copy_tokenizer_files(a.checkpoint))
+    export(qmodel, a.output, format=a.format, tokenizer=load_tokenizer(a.checkpoint))
     out = Path(a.output)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else out.stat().st_size
     return {"checkpoint": a.checkpoint, "format": a.format, "output": a.output, "bytes": size,

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.fx import GraphModule
 
-from qfx.capture import capture, get_attr_tensor
+from qfx.capture import capture, get_attr_tensor, set_attr_tensor
 from qfx.config import Recipe
 from qfx.passes.annotate_linears import annotate_linears
 from qfx.passes.canonicalize_linears import canonicalize_linears
@@ -117,7 +117,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> GraphMo
                 f"{weights}: tensor {name!r} is {tuple(found.shape)} {found.dtype}, "
                 f"the model expects {tuple(expected.shape)} {expected.dtype}"
             )
-        _assign(gm, target, found)
+        set_attr_tensor(gm, target, found)
     unused = set(tensors) - {aliases.get(t, t) for t in targets}
     if unused:
         raise CheckpointError(f"{weights}: tensors not used by the model: {sorted(unused)[:5]}")
@@ -187,24 +187,7 @@ def _restore_dtypes(model: torch.nn.Module, dtypes: dict[str, str]) -> None:
     for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
         want = dtypes.get(name)
         if want is not None and str(t.dtype).removeprefix("torch.") != want:
-            owner_path, _, attr = name.rpartition(".")
-            owner = model.get_submodule(owner_path) if owner_path else model
-            cast = t.data.to(getattr(torch, want))
-            if attr in owner._parameters:
-                owner._parameters[attr] = torch.nn.Parameter(cast, requires_grad=False)
-            else:
-                owner._buffers[attr] = cast
-
-
-def _assign(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
-    owner_path, _, name = target.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    if name in owner._parameters:
-        owner._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
-    elif name in owner._buffers:
-        owner._buffers[name] = value
-    else:
-        setattr(owner, name, value)
+            set_attr_tensor(model, name, t.data.to(getattr(torch, want)))
 
 
 def _versions() -> dict:

@@ -93,24 +93,27 @@ def weight_qparams(
     return choose_qparams(wg.amin(-1) * clip_ratio, wg.amax(-1) * clip_ratio, bits, symmetric)
 
 
+def _per_group(fn, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+               group_size: int | None) -> torch.Tensor:
+    """Apply elementwise `fn(x, scale, zero, bits)` with qparams (N, G) over groups of x (N, K)."""
+    k = x.shape[-1]
+    g = k if group_size is None else group_size
+    zg = None if zero is None else zero.unsqueeze(-1)
+    return from_groups(fn(to_groups(x, g), scale.unsqueeze(-1), zg, bits), k)
+
+
 def quantize_weight(
     w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group_size: int | None
 ) -> torch.Tensor:
     """Weight (N, K) -> codes (N, K) uint8 with per-group qparams (N, G)."""
-    k = w.shape[-1]
-    g = k if group_size is None else group_size
-    zg = None if zero is None else zero.unsqueeze(-1)
-    return from_groups(quantize(to_groups(w, g), scale.unsqueeze(-1), zg, bits), k)
+    return _per_group(quantize, w, scale, zero, bits, group_size)
 
 
 def dequantize_weight(
     codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group_size: int | None
 ) -> torch.Tensor:
     """Codes (N, K) -> float32 weight (N, K)."""
-    k = codes.shape[-1]
-    g = k if group_size is None else group_size
-    zg = None if zero is None else zero.unsqueeze(-1)
-    return from_groups(dequantize(to_groups(codes, g), scale.unsqueeze(-1), zg, bits), k)
+    return _per_group(dequantize, codes, scale, zero, bits, group_size)
 
 
 def fake_quantize_weight(

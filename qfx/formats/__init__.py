@@ -110,8 +110,8 @@ def write_hf_folder(path, config: dict, tensors: dict[str, torch.Tensor], tokeni
     return Path(path)
 
 
-def copy_tokenizer_files(src: str | os.PathLike | None) -> object | None:
-    """The tokenizer saved next to a qfx checkpoint, if any."""
+def load_tokenizer(src: str | os.PathLike | None) -> object | None:
+    """The tokenizer saved in a checkpoint folder, or None when it holds none."""
     if src is None:
         return None
     from transformers import AutoTokenizer

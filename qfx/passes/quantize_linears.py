@@ -84,10 +84,9 @@ def _observers_before(gm: GraphModule, x) -> tuple[object, dict[type, torch.nn.M
     nodes = []
     while isinstance(x, Node) and x.op == "call_module":
         module = gm.get_submodule(x.target)
-        kind = RangeObserver if isinstance(module, RangeObserver) else HessianObserver
         if not isinstance(module, (RangeObserver, HessianObserver)):
             break
-        found[kind] = module
+        found[RangeObserver if isinstance(module, RangeObserver) else HessianObserver] = module
         nodes.append(x)
         x = x.args[0]
     return x, found, nodes
