@@ -79,6 +79,16 @@ def capture(
     return gm
 
 
+def hf_dynamic_shapes(max_seq: int) -> tuple:
+    """Dynamic batch and sequence dimensions for input_ids.
+
+    DYNAMIC hints, not named Dims: a named Dim turns every guard the shape solver cannot prove
+    into an error (torch 2.11 fails to prove min(16*s, 32*s) == 16*s for Llama's attention);
+    the hints keep the guards, which hold for every length in range.
+    """
+    return ({0: Dim.DYNAMIC(min=1, max=MAX_BATCH), 1: Dim.DYNAMIC(min=1, max=max_seq)},)
+
+
 def _hf_defaults(model, example_inputs, dynamic_shapes):
     if example_inputs is None:
         vocab = int(getattr(model.config, "vocab_size", 32))
@@ -87,7 +97,7 @@ def _hf_defaults(model, example_inputs, dynamic_shapes):
         example_inputs = (torch.randint(0, vocab, (2, 16), generator=g).to(device),)
     if dynamic_shapes is None:
         max_seq = int(getattr(model.config, "max_position_embeddings", None) or 8192)
-        dynamic_shapes = ({0: Dim("batch", min=1, max=MAX_BATCH), 1: Dim("seq", min=1, max=max_seq)},)
+        dynamic_shapes = hf_dynamic_shapes(max_seq)
     return example_inputs, dynamic_shapes
 
 

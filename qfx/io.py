@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.fx import GraphModule
 
-from qfx.capture import capture, get_attr_tensor, set_attr_tensor
+from qfx.capture import capture, get_attr_tensor, hf_dynamic_shapes, set_attr_tensor
 from qfx.config import Recipe
 from qfx.passes.annotate_linears import annotate_linears
 from qfx.passes.canonicalize_linears import canonicalize_linears
@@ -95,7 +95,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> GraphMo
     """
     path = Path(path)
     if not (path / META_FILE).is_file() and (path / "config.json").is_file():
-        return _import_foreign(path).to(device)
+        return _import_foreign(path, device)
     meta = read_meta(path)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
@@ -104,7 +104,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> GraphMo
         tensors = load_file(str(weights))
     except Exception as e:
         raise CheckpointError(f"{weights}: cannot read safetensors ({e})") from None
-    gm = rebuild(meta)
+    gm = rebuild(meta, device)
     aliases = meta.get("aliases", {})
     targets = _tensor_targets(gm)
     for target in targets:
@@ -117,14 +117,14 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> GraphMo
                 f"{weights}: tensor {name!r} is {tuple(found.shape)} {found.dtype}, "
                 f"the model expects {tuple(expected.shape)} {expected.dtype}"
             )
-        set_attr_tensor(gm, target, found)
+        set_attr_tensor(gm, target, found.to(expected.device))
     unused = set(tensors) - {aliases.get(t, t) for t in targets}
     if unused:
         raise CheckpointError(f"{weights}: tensors not used by the model: {sorted(unused)[:5]}")
-    return gm.to(device)
+    return gm
 
 
-def _import_foreign(path: Path) -> GraphModule:
+def _import_foreign(path: Path, device) -> GraphModule:
     try:
         method = json.loads((path / "config.json").read_text()).get("quantization_config", {}).get("quant_method")
     except (json.JSONDecodeError, AttributeError) as e:
@@ -132,11 +132,11 @@ def _import_foreign(path: Path) -> GraphModule:
     if method == "compressed-tensors":
         from qfx.formats.compressed_tensors import import_compressed_tensors
 
-        return import_compressed_tensors(path)
+        return import_compressed_tensors(path, device)
     if method == "gptq":
         from qfx.formats.gptq import import_gptq
 
-        return import_gptq(path)
+        return import_gptq(path, device)
     raise CheckpointError(f"{path}: unknown checkpoint format (quant_method {method!r}); "
                           "qfx reads qfx, compressed-tensors and gptq folders")
 
@@ -160,8 +160,11 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / META_FILE).is_file()
 
 
-def rebuild(meta: dict) -> GraphModule:
-    """The quantized graph described by `meta`, with uninitialised tensors."""
+def rebuild(meta: dict, device: str | torch.device = "cpu") -> GraphModule:
+    """The quantized graph described by `meta`, with uninitialised tensors on `device`.
+
+    A captured graph is specific to the device it was traced on, so it is traced there.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     source = meta["source"]
@@ -172,7 +175,7 @@ def rebuild(meta: dict) -> GraphModule:
     dtype = getattr(torch, source.get("dtype") or "float32")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model = model.to_empty(device="cpu")
+    model = model.to_empty(device=device)
     _restore_dtypes(model, source.get("tensor_dtypes", {}))
     gm = capture(model)
     gm = canonicalize_linears(gm)
@@ -247,8 +250,6 @@ def export(
     format "compressed-tensors" / "gptq": a Hugging Face folder that vLLM and transformers
         load (see qfx.formats); `tokenizer` is saved into it when given.
     """
-    from torch.export import Dim
-
     path = Path(path)
     if format not in EXPORT_FORMATS:
         raise CheckpointError(f"unknown export format {format!r}: choose one of {', '.join(EXPORT_FORMATS)}")
@@ -271,7 +272,7 @@ def export(
         device = next(iter(qmodel.buffers())).device
         example_inputs = (torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0)).to(device),)
         max_seq = int(source["config"].get("max_position_embeddings") or 8192)
-        dynamic = ({0: Dim("batch", min=1, max=4096), 1: Dim("seq", min=1, max=max_seq)},)
+        dynamic = hf_dynamic_shapes(max_seq)
     ep = torch.export.export(qmodel, example_inputs, dynamic_shapes=dynamic)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=".pt2", dir=path.parent)

@@ -58,22 +58,25 @@ def gptq_quantize(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """GPTQ of w (N, K) against Hessian h (K, K).
 
+    Runs on w's device, in float32 (float64 inputs stay float64).
     Returns codes (N, K) uint8, scale (N, G) float32, zero (N, G) uint8 or None, in the
     layout of `qfx.primitives` (groups contiguous in the original column order). With
     act_order, columns are visited by decreasing Hessian diagonal and group qparams are
     fixed up front from the original weights ("static groups"), so groups stay contiguous.
     """
-    w = w.detach().float().clone()
-    h = h.detach().float().clone()
+    dtype = torch.promote_types(w.dtype, torch.float32)  # float32 at least; float64 stays float64
+    w = w.detach().to(dtype).clone()
+    h = h.detach().to(device=w.device, dtype=dtype).clone()
     n, k = w.shape
+    dev = w.device
     g = k if group_size is None else group_size
     dead = torch.diag(h) == 0  # inputs that are always zero: any weight works, use 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
 
     n_groups = P.n_groups(k, g)
-    scale = torch.empty(n, n_groups)
-    zero = None if symmetric else torch.empty(n, n_groups, dtype=torch.uint8)
+    scale = torch.empty(n, n_groups, dtype=dtype, device=dev)
+    zero = None if symmetric else torch.empty(n, n_groups, dtype=torch.uint8, device=dev)
     static = act_order or group_size is None
     if static:  # qparams from the original weights, per contiguous group
         for gi in range(n_groups):
@@ -82,12 +85,12 @@ def gptq_quantize(
             if zero is not None:
                 zero[:, gi] = z[:, 0]
 
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k, device=dev)
     w = w[:, perm]
     h = h[perm][:, perm]
     hinv = inverse_hessian_cholesky(h, damp)
 
-    codes = torch.zeros(n, k, dtype=torch.uint8)
+    codes = torch.zeros(n, k, dtype=torch.uint8, device=dev)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         w1 = w[:, i1:i2].clone()
@@ -114,4 +117,4 @@ def gptq_quantize(
             w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return codes, scale, zero
+    return codes, scale.float(), zero

@@ -160,7 +160,7 @@ class ImportedCheckpoint:
         return self.tensors.pop(name)
 
 
-def build_imported_graph(ckpt: ImportedCheckpoint, recipe_for, fill_layer) -> GraphModule:
+def build_imported_graph(ckpt: ImportedCheckpoint, recipe_for, fill_layer, device="cpu") -> GraphModule:
     """Graph of qfx ops for a foreign checkpoint.
 
     recipe_for(linear paths) -> Recipe describing the checkpoint's layout;
@@ -184,7 +184,7 @@ def build_imported_graph(ckpt: ImportedCheckpoint, recipe_for, fill_layer) -> Gr
     model.load_state_dict(dense, strict=False)
     for k in dense:
         ckpt.tensors.pop(k)
-    gm = canonicalize_linears(capture(model))
+    gm = canonicalize_linears(capture(model.to(device)))  # traced on the device it will run on
     recipe = recipe_for([module_path(n) for n in linear_nodes(gm)])
     gm = quantize_linears(annotate_linears(gm, recipe), allocate_only=True)
     for _node, plan in plans(gm):
@@ -194,7 +194,7 @@ def build_imported_graph(ckpt: ImportedCheckpoint, recipe_for, fill_layer) -> Gr
             if tuple(value.shape) != tuple(expected.shape):
                 raise CheckpointError(f"{ckpt.path}: {target} has shape {tuple(value.shape)}, "
                                       f"the model expects {tuple(expected.shape)}")
-            set_attr_tensor(gm, target, value.to(expected.dtype))
+            set_attr_tensor(gm, target, value.to(device=expected.device, dtype=expected.dtype))
     gm.meta["qfx"]["recipe"] = recipe.to_dict()
     leftover = [k for k in ckpt.tensors if not k.endswith(("weight_shape", "g_idx"))]
     if leftover:

@@ -225,10 +225,10 @@ def _fill(ckpt, plan) -> dict[str, torch.Tensor]:
     return out
 
 
-def import_compressed_tensors(path) -> GraphModule:
+def import_compressed_tensors(path, device="cpu") -> GraphModule:
     """A compressed-tensors folder (from qfx, llm-compressor, ...) as a graph of qfx ops."""
     from qfx.formats import ImportedCheckpoint, build_imported_graph
 
     ckpt = ImportedCheckpoint(path)
     qc = ckpt.quant_config
-    return build_imported_graph(ckpt, lambda paths: _recipe(qc, paths), _fill)
+    return build_imported_graph(ckpt, lambda paths: _recipe(qc, paths), _fill, device)

@@ -107,7 +107,7 @@ def unpack_along_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
     return codes.reshape(-1, words.shape[1]).to(torch.uint8)
 
 
-def import_gptq(path) -> GraphModule:
+def import_gptq(path, device="cpu") -> GraphModule:
     """A GPTQ v1 folder as a graph of qfx ops (act-order checkpoints are refused)."""
     from qfx.config import LayerRule, Recipe, weight_spec
     from qfx.formats import ImportedCheckpoint, build_imported_graph
@@ -144,4 +144,4 @@ def import_gptq(path) -> GraphModule:
             out["w_zero"] = zeros.to(torch.uint8)
         return out
 
-    return build_imported_graph(ckpt, recipe_for, fill)
+    return build_imported_graph(ckpt, recipe_for, fill, device)

@@ -103,9 +103,9 @@ def _gptq_weight_tensors(w: torch.Tensor, spec: QuantSpec, hessian: HessianObser
                                        act_order=recipe.act_order, clip_ratio=spec.clip_ratio)
     if spec.scale_dtype == "model":  # keep the GPTQ codes; round scales as the spec asks
         scale = _round_scale(scale, spec, w.dtype)
-    out = {"qweight": P.pack(codes, spec.bits), "w_scale": scale.to(w.device)}
+    out = {"qweight": P.pack(codes, spec.bits), "w_scale": scale}
     if zero is not None:
-        out["w_zero"] = zero.to(w.device)
+        out["w_zero"] = zero
     return out
 
 
@@ -127,7 +127,7 @@ def quantize_linears(gm: GraphModule, allocate_only: bool = False) -> GraphModul
         if allocate_only:
             tensors = empty_weight_tensors(plan)
         elif HessianObserver in observers:
-            tensors = _gptq_weight_tensors(weight.float().cpu(), plan.weight, observers[HessianObserver], recipe)
+            tensors = _gptq_weight_tensors(weight, plan.weight, observers[HessianObserver], recipe)
         else:
             tensors = quantize_weight_tensors(weight, plan.weight)
         if a_scale is not None:

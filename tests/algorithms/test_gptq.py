@@ -16,6 +16,7 @@ def obq_reference(w, h, bits, sym, group, damp):
     hinv = torch.linalg.inv(h)
     n, k = w.shape
     codes = torch.zeros(n, k, dtype=torch.uint8)
+    deq = torch.zeros(n, k, dtype=torch.float64)
     qmin, qmax = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if sym else (0, (1 << bits) - 1)
     scale = zero = None
     for c in range(k):
@@ -31,10 +32,11 @@ def obq_reference(w, h, bits, sym, group, damp):
         q = torch.clamp(torch.round(w[:, c] / scale) + (0 if sym else zero), qmin, qmax)
         codes[:, c] = (q - qmin if sym else q).to(torch.uint8)
         dq = (q - (0 if sym else zero)) * scale
+        deq[:, c] = dq
         e = (w[:, c] - dq) / hinv[c, c]
         w[:, c:] -= e.unsqueeze(1) * hinv[c, c:].unsqueeze(0)
         hinv = hinv - hinv[:, c : c + 1] @ hinv[c : c + 1, :] / hinv[c, c]  # remove column c
-    return codes
+    return codes, deq
 
 
 def _problem(n, k, seed, tokens=512):
@@ -54,11 +56,19 @@ def _proxy_loss(w, codes, scale, zero, bits, group, x):
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("block", [128, 5])  # lazy batches spanning or cutting groups must not matter
 def test_matches_obq_reference(sym, block):
-    w, h, _ = _problem(6, 40, seed=1)
+    w, h, x = _problem(6, 40, seed=1)
     codes, scale, zero = gptq_quantize(w.double(), h.double(), 4, sym, 8, damp=0.01, block_size=block)
-    ref = obq_reference(w, h, 4, sym, 8, damp=0.01)
-    # same algorithm, different arithmetic: codes may differ only where x/s sat on a .5 tie
-    assert (codes != ref).float().mean() < 0.01
+    ref_codes, ref_deq = obq_reference(w, h, 4, sym, 8, damp=0.01)
+    # same algorithm, different arithmetic: a value within rounding of a .5 boundary may round
+    # the other way (BLAS differences suffice), and error feedback carries the flip into later
+    # columns; so codes agree almost everywhere and the layer-output error matches
+    assert (codes != ref_codes).float().mean() < 0.05
+    def loss(deq):
+        return float(((x.double() @ (w.double() - deq).T) ** 2).mean())
+
+    ours = loss(P.dequantize_weight(codes, scale.double(), zero, 4, 8).double())
+    theirs = loss(ref_deq)
+    assert abs(ours - theirs) / theirs < 0.05, (ours, theirs)
 
 
 @pytest.mark.parametrize("bits, group", [(4, 16), (3, None), (2, 32)])
