@@ -211,15 +211,18 @@ class _atomic_dir:
             raise CheckpointError(f"{self.path} exists; choose another output or allow overwriting")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is not
+        self.umask = os.umask(0)
+        os.umask(self.umask)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
+        # mkdtemp (and the safetensors writer) make private files; a checkpoint is not private
+        os.chmod(self.tmp, 0o777 & ~self.umask)
+        for f in self.tmp.rglob("*"):
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~self.umask)
         old = None
         if self.path.exists():
             old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")

@@ -164,3 +164,16 @@ def test_exported_archives_that_need_unpickling_are_refused(qmodel, tmp_path):
     (tmp_path / "c.pt2").write_bytes(b"not a zip")
     with pytest.raises(CheckpointError, match="not a .pt2"):
         load_exported(tmp_path / "c.pt2")
+
+
+def test_saved_files_follow_the_umask(qmodel, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = save(qmodel, tmp_path / "ck")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o644
