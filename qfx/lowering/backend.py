@@ -1,12 +1,19 @@
 """The "qfx" torch.compile backend, registered on `import qfx`.
 
-    fast = torch.compile(qmodel, backend="qfx")
+    fast = torch.compile(qmodel, backend="qfx")                       # a converted or loaded qfx model
+    fast = torch.compile(hf_model, backend="qfx", options={"recipe": "w4 g128 sym"})  # quantize while compiling
 
-Steps on the Dynamo graph: count the qfx ops it holds, then hand the graph to Inductor with
-the qfx ops' reference implementations as decompositions, so Inductor sees plain aten math
-(unpack, dequantize, matmul) and fuses it like any other code. Options (passed as
-`torch.compile(..., options={...})`): `decompose` (default True) keeps or drops that step;
-the rest go to Inductor as config patches.
+Steps on the Dynamo graph:
+1. with `options["recipe"]` (calibration-free recipes only), quantize the graph's linears
+   (`quantize_on_the_fly`);
+2. on CUDA, lower each `qfx::quantized_linear` that a Triton kernel computes to
+   `qfx::kernel_linear` over weights re-packed for that kernel (`lower_kernels`);
+3. hand the graph to Inductor, with the remaining qfx ops' reference implementations as
+   decompositions so that Inductor sees plain aten math (on CPU: all of them).
+
+Options: `recipe` (above), `kernels` ("auto": lower on CUDA; "off": never; "on": also under the
+Triton interpreter, for tests), `decompose` (default True); the rest go to Inductor as config
+patches. What happened is recorded in `gm.meta["qfx"]` of the graph handed over.
 """
 
 from __future__ import annotations
@@ -15,14 +22,49 @@ import torch
 from torch._dynamo import register_backend
 from torch.fx import GraphModule
 
+import qfx.lowering.kernel_op  # noqa: F401  (registers qfx::kernel_linear)
+from qfx.config import Recipe
+from qfx.lowering.constant_inputs import ConstantInputs
 from qfx.ops import quantized_linear_ref
 
 QFX_OPS = (torch.ops.qfx.quantized_linear.default,)
 DECOMPOSITIONS = {torch.ops.qfx.quantized_linear.default: quantized_linear_ref}
+KERNEL_MODES = ("auto", "on", "off")
 
 
 def qfx_op_count(gm: GraphModule) -> int:
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in QFX_OPS)
+
+
+def _use_kernels(mode: str, example_inputs) -> bool:
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"backend option kernels={mode!r}: choose one of {KERNEL_MODES}")
+    if mode == "off":
+        return False
+    from qfx.lowering.kernels import interpreting, triton_available
+
+    if not triton_available():
+        return False
+    if mode == "on":
+        return True
+    on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+    return on_cuda and not interpreting()
+
+
+def _own_copy(gm: GraphModule) -> GraphModule:
+    """A GraphModule over a copy of the graph: Dynamo keeps using the graph object it hands over
+    (its placeholders describe the frame's inputs), so passes must not edit that one."""
+    graph, copies = torch.fx.Graph(), {}
+    graph.output(graph.graph_copy(gm.graph, copies))
+    for old, new in copies.items():  # where each input comes from, for AOT's input matching
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    copy = GraphModule(gm, graph)
+    copy.meta.update(gm.meta)  # dynamo_compile_id etc.: AOT reads them to match inputs to sources
+    for attr in ("_param_name_to_source",):
+        if hasattr(gm, attr):
+            setattr(copy, attr, getattr(gm, attr))
+    return copy
 
 
 @register_backend(name="qfx")
@@ -32,7 +74,25 @@ def qfx_backend(gm: GraphModule, example_inputs, options: dict | None = None):
 
     options = dict(options or {})
     decompose = options.pop("decompose", True)
-    gm.meta.setdefault("qfx", {})["backend_qfx_ops"] = qfx_op_count(gm)
+    recipe = options.pop("recipe", None)
+    kernels = options.pop("kernels", "auto")
+    info = gm.meta.setdefault("qfx", {})
+    gm = _own_copy(gm)
+    constants = ConstantInputs(gm)
+    if recipe is not None:
+        from qfx.lowering.quantize_on_the_fly import quantize_on_the_fly
+
+        recipe = Recipe.parse(recipe) if isinstance(recipe, str) else recipe
+        info["quantized_on_the_fly"] = quantize_on_the_fly(gm, example_inputs, recipe, constants)
+    info["backend_qfx_ops"] = qfx_op_count(gm)
+    if _use_kernels(kernels, constants.example_inputs(example_inputs)):
+        from qfx.lowering.lower_kernels import lower_kernels
+
+        info.update(lower_kernels(gm, constants.example_inputs(example_inputs), constants))
+    constants.prune()
+    gm.recompile()
     # compile_fx *replaces* its table with the one given: extend Inductor's own, never drop it
     decomps = {**select_decomp_table(), **DECOMPOSITIONS} if decompose else None
-    return compile_fx(gm, example_inputs, config_patches=options or None, decompositions=decomps)
+    compiled = compile_fx(gm, constants.example_inputs(example_inputs), config_patches=options or None,
+                          decompositions=decomps)
+    return constants.wrap(compiled)

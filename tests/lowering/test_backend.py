@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 import qfx  # noqa: F401  (registers backend "qfx")
@@ -18,3 +19,56 @@ def test_compiled_matches_eager_on_cpu(llama, token_ids):
     # float32 model: Inductor's fused CPU code reorders float sums; activation rounding can
     # move by one code where x/s sits on a tie, so allow small absolute differences
     torch.testing.assert_close(out, eager, rtol=1e-3, atol=1e-3)
+
+
+def _spy(options):
+    """A backend that runs "qfx" with `options` and keeps what it recorded."""
+    from qfx.lowering.backend import qfx_backend
+
+    seen = []
+
+    def backend(gm, example_inputs):
+        compiled = qfx_backend(gm, example_inputs, options)
+        seen.append(gm.meta["qfx"])
+        return compiled
+
+    return backend, seen
+
+
+@pytest.mark.parametrize("recipe,lowered", [("w4 g32 asym", 14), ("w8 g0 a8", 14), ("w4 g32 sym a8", 14),
+                                            ("fp8", 14), ("w4 g32 asym a8", 0)])
+def test_kernels_lowering_matches_eager(recipe, lowered, token_ids):
+    """kernels="on" runs the Triton kernels (under the interpreter without a GPU)."""
+    from tests.conftest import tiny_model
+
+    q = qfx.quantize(tiny_model("llama", dtype=torch.bfloat16), recipe)
+    backend, seen = _spy({"kernels": "on"})
+    with torch.no_grad():
+        eager = q(token_ids)
+        out = torch.compile(q, backend=backend)(token_ids)
+    assert seen[0]["lowered"] == lowered
+    if lowered == 0:  # asymmetric weights with int8 activations: no kernel, decomposed instead
+        assert "symmetric" in seen[0]["unsupported"][0]
+    rel = float((out.float() - eager.float()).norm() / eager.float().norm())
+    assert rel < 2e-2  # bf16 logits; kernels and reference accumulate in different orders
+
+
+def test_compile_quantizes_on_the_fly(token_ids):
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama")
+    backend, seen = _spy({"recipe": "w4 g32 asym", "kernels": "off"})
+    with torch.no_grad():
+        expected = qfx.quantize(model, "w4 g32 asym")(token_ids)
+        out = torch.compile(model, backend=backend)(token_ids).logits
+    assert seen[0]["quantized_on_the_fly"] == 14  # 7 per layer, head left in full precision
+    torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_on_the_fly_refuses_recipes_that_need_calibration(token_ids):
+    from tests.conftest import tiny_model
+
+    for recipe, word in [("gptq w4 g32", "calibration"), ("w8 a8 a-static", "static")]:
+        backend, _ = _spy({"recipe": recipe})
+        with pytest.raises(Exception, match=word):
+            torch.compile(tiny_model("llama"), backend=backend)(token_ids)

@@ -1,0 +1,169 @@
+"""GEMM with activations quantized per token inside the kernel: W8A8 int8, W4A8, FP8 rowwise.
+
+y = (s_x * q_x) @ (s_w * q_w)^T + bias, where q_x = round(x / s_x) (int8) or x / s_x cast to e4m3
+(fp8), s_x = absmax(row) / 127.5 (int8) or / 448 (fp8) per token, or one static scale.
+
+Each program owns a (BLOCK_M, BLOCK_N) tile of y. Dynamic scales: first a pass over its
+BLOCK_M rows of x for their absmax (the rows are re-read by every N tile, from L2), then the
+main loop quantizes each x tile as it is loaded, so no quantized copy of x is ever written.
+The dot runs on int8 (int32 accumulate) or e4m3 (float32 accumulate) tensor cores. Per-channel
+weight scales multiply once in the epilogue; group-wise ones (W4A8 g64) scale each K step's
+partial product (BLOCK_K divides the group).
+Weights: int8 codes in the "rows" layout, int4/int2.. codes unpacked from the "packed" layout
+(symmetric: q = u - 2^(bits-1), so that they fit int8), or fp8 rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qfx.lowering.kernels import interpreting, tuning
+from qfx.lowering.kernels.layout import KernelWeight, dequantize_kernel_weight
+from qfx.lowering.kernels.tuning import Config
+from qfx.lowering.kernels.wint_a16 import fit_block_k, load_packed_codes, tile_ids
+
+_ROUND = 12582912.0  # 1.5 * 2^23: (v + _ROUND) - _ROUND rounds |v| < 2^22 half-to-even in float32
+INT8_DIV = 127.5  # qfx's symmetric int8 scale: absmax / ((qmax - qmin) / 2)
+
+
+@triton.jit
+def round_to_e4m3_grid(v):
+    """v (|v| <= 448, float32) rounded half-to-even onto the e4m3 grid, still float32.
+
+    Used under the Triton interpreter only, whose float32 -> e4m3 cast does not carry a
+    mantissa round-up into the exponent (31.1 becomes 16, not 32); GPUs cast correctly.
+    """
+    exponent = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    ulp = ((tl.maximum(exponent, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2^(e - 3)
+    return (tl.math.div_rn(v, ulp) + _ROUND - _ROUND) * ulp
+
+
+@triton.jit
+def _act_quant_gemm_kernel(
+    x_ptr, w_ptr, ws_ptr, as_ptr, b_ptr, y_ptr,
+    M, N, K, GROUP, stride_xm, stride_ym,
+    BITS: tl.constexpr, CONTAINER: tl.constexpr, ROWS: tl.constexpr, FP8: tl.constexpr,
+    STATIC: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, EXACT_FP8_CAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    if STATIC:
+        a_scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(as_ptr).to(tl.float32)
+    else:
+        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(a.to(tl.float32)), axis=1))
+        a_scale = tl.maximum(tl.math.div_rn(amax, 448.0 if FP8 else 127.5), 1e-12)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        v = tl.math.div_rn(a, a_scale[:, None])
+        if ROWS:
+            w = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :],
+                        other=0.0)
+        else:
+            w = (load_packed_codes(w_ptr, offs_k, offs_n, mask_k, mask_n, N, CONTAINER) - (1 << (BITS - 1))).to(tl.int8)
+        if FP8:
+            v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+            if EXACT_FP8_CAST:
+                v = round_to_e4m3_grid(v)
+            part = tl.dot(v.to(tl.float8e4nv), w)
+        else:
+            q = tl.minimum(tl.maximum(v + _ROUND - _ROUND, -128.0), 127.0).to(tl.int8)
+            part = tl.dot(q, w, out_dtype=tl.int32)
+        if GROUPED:
+            s = tl.load(ws_ptr + (k0 // GROUP) * N + offs_n, mask=mask_n, other=0.0)
+            acc += part.to(tl.float32) * s[None, :]
+        elif FP8:
+            acc += part
+        else:
+            acc_i += part
+    if not GROUPED:
+        if not FP8:
+            acc = acc_i.to(tl.float32)
+        acc = acc * tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    acc = acc * a_scale[:, None]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+def candidates(m: int, group: int, k: int) -> list[Config]:
+    """Explicit configs by M bucket; int8/fp8 dots want BLOCK_K >= 32."""
+    if m <= 16:
+        cfgs = [Config(16, n, k, 1, 4, st) for n, k, st in
+                [(64, 128, 4), (32, 128, 4), (64, 256, 3), (32, 256, 4), (128, 128, 4), (16, 256, 4)]]
+    elif m <= 64:
+        cfgs = [Config(bm, n, k, 1, 4, st) for bm, n, k, st in
+                [(64, 64, 128, 4), (32, 64, 128, 4), (64, 128, 128, 4), (32, 32, 256, 4), (64, 32, 128, 4)]]
+    elif m <= 256:
+        cfgs = [Config(bm, n, k, 1, w, st) for bm, n, k, w, st in
+                [(64, 128, 128, 4, 4), (128, 128, 128, 8, 3), (64, 64, 128, 4, 4), (128, 64, 128, 4, 4),
+                 (64, 256, 128, 8, 3)]]
+    else:
+        cfgs = [Config(bm, n, k, 1, w, st) for bm, n, k, w, st in
+                [(128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (128, 128, 64, 4, 4), (256, 128, 128, 8, 3),
+                 (128, 128, 128, 4, 4), (64, 128, 128, 4, 4)]]
+    return [fit_block_k(c, group, k) for c in cfgs]
+
+
+def supported(kw: KernelWeight) -> bool:
+    """Symmetric int weights (codes fit int8) with groups of >= 32 (or per channel), or fp8."""
+    if kw.fp8:
+        return kw.group >= kw.k
+    return kw.zero is None and (kw.group >= kw.k or kw.group % 32 == 0)
+
+
+def launch(x2, kw: KernelWeight, a_scale, bias, cfg: Config) -> torch.Tensor:
+    cfg = fit_block_k(cfg, kw.group, kw.k)
+    m = x2.shape[0]
+    y = torch.empty((m, kw.n), device=x2.device, dtype=x2.dtype)
+    grouped = kw.group < kw.k
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(kw.n, cfg.block_n),)
+    _act_quant_gemm_kernel[grid](
+        x2, kw.data, kw.scale, a_scale, bias, y,
+        m, kw.n, kw.k, kw.group if grouped else 1 << 30, x2.stride(0), y.stride(0),
+        BITS=kw.bits, CONTAINER=kw.container, ROWS=kw.layout == "rows", FP8=kw.fp8,
+        STATIC=a_scale is not None, GROUPED=grouped, HAS_BIAS=bias is not None,
+        EXACT_FP8_CAST=kw.fp8 and interpreting(),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y
+
+
+def act_quant_linear(x: torch.Tensor, kw: KernelWeight, a_scale: torch.Tensor | None = None,
+                     bias: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
+    """x (..., K) bf16/fp16/fp32 -> (..., N); a_scale: static per-tensor scale (scalar) or None."""
+    x2 = x.reshape(-1, kw.k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if config is None:
+        m = x2.shape[0]
+        key = (f"act_quant/{tuning.m_bucket(m)}/{kw.n}/{kw.k}/{kw.bits}/{kw.fp8}/{kw.group}/"
+               f"{a_scale is not None}/{x.dtype}")
+        config = tuning.pick(key, candidates(m, kw.group, kw.k), lambda c: launch(x2, kw, a_scale, bias, c))
+    return launch(x2, kw, a_scale, bias, config).reshape(*x.shape[:-1], kw.n)
+
+
+def act_quant_ref(x: torch.Tensor, kw: KernelWeight, a_scale: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel's function in plain PyTorch (the same math as `qfx.ops.quantized_linear_ref`)."""
+    from qfx.ops import fake_quantize_activation
+
+    xq = fake_quantize_activation(x, 8, a_scale, fp8=kw.fp8)
+    y = xq @ dequantize_kernel_weight(kw).T
+    return (y if bias is None else y + bias.float()).to(x.dtype)

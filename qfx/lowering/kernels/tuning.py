@@ -1,0 +1,90 @@
+"""Kernel configs: explicit candidate lists by M bucket, timed once per problem and cached per GPU.
+
+A problem key is (kernel, M bucket, N, K, variant); the M bucket is the next power of two of M
+(capped at 4096), so decode (M = 1) and prefill (M = 2048) of one layer tune separately. The
+best config is kept in memory and in `$QFX_CACHE_DIR` (default `~/.cache/qfx`) as
+`tuning-<gpu>-triton<version>.json`, so a later process on the same GPU model skips the timing.
+Under the Triton interpreter, or with `QFX_TUNE=0`, the first candidate runs without timing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+
+from qfx.lowering.kernels import interpreting
+
+
+class Config(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 8
+
+
+def m_bucket(m: int) -> int:
+    return min(1 << max(m - 1, 0).bit_length(), 4096)
+
+
+_memory: dict[str, dict[str, list]] = {}
+
+
+def _cache_file() -> Path:
+    import triton
+
+    gpu = re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name())
+    root = Path(os.environ.get("QFX_CACHE_DIR", Path.home() / ".cache" / "qfx"))
+    return root / f"tuning-{gpu}-triton{triton.__version__}.json"
+
+
+def _load(path: Path) -> dict[str, list]:
+    if str(path) not in _memory:
+        try:
+            _memory[str(path)] = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError):
+            _memory[str(path)] = {}  # an unreadable cache only costs a re-tune
+    return _memory[str(path)]
+
+
+def _store(path: Path, table: dict[str, list]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+            json.dump(table, f, indent=0, sort_keys=True)
+        os.replace(f.name, path)
+    except OSError:
+        pass  # a read-only home still works, tuning again next process
+
+
+def pick(key: str, candidates: list[Config], run: Callable[[Config], object]) -> Config:
+    """The fastest candidate for `key` (timed with `run(config)` the first time it is asked)."""
+    if interpreting() or os.environ.get("QFX_TUNE", "1") == "0" or len(candidates) == 1:
+        return candidates[0]
+    path = _cache_file()
+    table = _load(path)
+    if key in table and Config(*table[key]) in candidates:
+        return Config(*table[key])
+    from triton.testing import do_bench
+
+    best, best_ms = None, float("inf")
+    for cfg in candidates:
+        try:
+            ms = do_bench(lambda: run(cfg), warmup=5, rep=25, return_mode="median")
+        except Exception:  # e.g. out of shared memory for this tile shape on this GPU
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        raise RuntimeError(f"no kernel config ran for {key}")
+    table[key] = list(best)
+    _store(path, table)
+    return best

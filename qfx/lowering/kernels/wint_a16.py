@@ -1,0 +1,163 @@
+"""Weight-only quantized GEMM: y = x @ dequant(W)^T + bias with bf16/fp16 x.
+
+W is int (2..8-bit codes, group-wise or per channel, symmetric or with zero points) in the
+"packed" layout, or fp8 per channel in the "rows" layout (see `layout`). Each program owns a
+(BLOCK_M, BLOCK_N) tile of y and walks K in BLOCK_K steps: load a tile of x, load the
+BLOCK_K / per_word word rows of W, unpack and dequantize in float32 with the group's scale
+(BLOCK_K divides the group, so one scale row per step), round to x's dtype, tensor-core dot,
+float32 accumulate. Small M is memory bound and has too few tiles to fill the GPU, so those
+configs split K over `split_k` programs that add float32 partials atomically.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qfx.lowering.kernels import interpreting, tuning
+from qfx.lowering.kernels.layout import KernelWeight, dequantize_kernel_weight
+from qfx.lowering.kernels.tuning import Config
+
+
+@triton.jit
+def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program, GROUP_M row tiles at a time so their W tiles stay in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % width) % size_m, (pid % width) // size_m
+
+
+@triton.jit
+def load_packed_codes(w_ptr, offs_k, offs_n, mask_k, mask_n, N, CONTAINER: tl.constexpr):
+    """Unsigned codes (BLOCK_K, BLOCK_N) int32 from the packed layout (ceil(K/per_word), N)."""
+    PER_WORD: tl.constexpr = 32 // CONTAINER
+    words = tl.load(w_ptr + (offs_k // PER_WORD)[:, None] * N + offs_n[None, :],
+                    mask=mask_k[:, None] & mask_n[None, :], other=0)
+    return (words >> ((offs_k % PER_WORD) * CONTAINER)[:, None]) & ((1 << CONTAINER) - 1)
+
+
+@triton.jit
+def _wint_a16_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+    M, N, K, GROUP, stride_xm, stride_ym, SPLIT_K,
+    BITS: tl.constexpr, CONTAINER: tl.constexpr, W_FP8: tl.constexpr, HAS_ZERO: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        g = k0 // GROUP
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0)
+        if W_FP8:  # rows layout (N, K)
+            w = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None],
+                        mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        else:
+            w = load_packed_codes(w_ptr, offs_k, offs_n, mask_k, mask_n, N, CONTAINER).to(tl.float32)
+            if HAS_ZERO:
+                w = w - tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0)[None, :]
+            else:
+                w = w - (1 << (BITS - 1))
+        w = (w * s[None, :]).to(a.dtype)
+        if INTERPRET:  # the interpreter's bf16 dot is wrong; float32 products of bf16 values are exact
+            acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
+        else:
+            acc += tl.dot(a, w)
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if ATOMIC:
+        tl.atomic_add(y, acc, mask=mask)
+    else:
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def candidates(m: int, group: int, k: int) -> list[Config]:
+    """Explicit configs by M bucket (H100-sized); BLOCK_K is cut to divide the group."""
+    if m <= 16:
+        cfgs = [Config(16, n, k, s, 4, 4) for n, k, s in
+                [(64, 128, 4), (64, 256, 2), (128, 128, 4), (64, 128, 8), (32, 256, 4), (128, 256, 2), (64, 128, 1),
+                 (32, 128, 8)]]
+    elif m <= 64:
+        cfgs = [Config(bm, n, k, s, 4, 4) for bm, n, k, s in
+                [(32, 64, 128, 4), (64, 64, 128, 2), (32, 128, 128, 2), (64, 128, 64, 2), (16, 64, 256, 4),
+                 (64, 128, 128, 1), (32, 64, 128, 8)]]
+    elif m <= 256:
+        cfgs = [Config(bm, n, k, s, w, st) for bm, n, k, s, w, st in
+                [(64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3), (64, 64, 128, 2, 4, 4), (64, 128, 128, 1, 4, 3),
+                 (128, 64, 64, 2, 4, 4), (64, 256, 64, 1, 8, 3)]]
+    else:
+        cfgs = [Config(bm, n, k, 1, w, st) for bm, n, k, w, st in
+                [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
+                 (256, 128, 64, 8, 3), (128, 128, 128, 8, 3)]]
+    return [fit_block_k(c, group, k) for c in cfgs]
+
+
+def fit_block_k(cfg: Config, group: int, k: int) -> Config:
+    """Halve BLOCK_K until it divides the group (one scale row per K step); at least 16."""
+    if group >= k:  # per channel
+        return cfg
+    bk = cfg.block_k
+    while group % bk and bk > 16:
+        bk //= 2
+    return cfg._replace(block_k=bk)
+
+
+def supported(kw: KernelWeight) -> bool:
+    """Shapes this kernel computes: groups that are a multiple of 16 (or per channel)."""
+    return kw.group >= kw.k or kw.group % 16 == 0
+
+
+def launch(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, cfg: Config) -> torch.Tensor:
+    """y (M, N) for x2 (M, K) contiguous rows, with the given config."""
+    cfg = fit_block_k(cfg, kw.group, kw.k)
+    m = x2.shape[0]
+    atomic = cfg.split_k > 1
+    y = (torch.zeros if atomic else torch.empty)((m, kw.n), device=x2.device,
+                                                 dtype=torch.float32 if atomic else x2.dtype)
+    group = kw.group if kw.group < kw.k else 1 << 30  # per channel: one scale row
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(kw.n, cfg.block_n), cfg.split_k)
+    _wint_a16_kernel[grid](
+        x2, kw.data, kw.scale, kw.zero, bias, y,
+        m, kw.n, kw.k, group, x2.stride(0), y.stride(0), cfg.split_k,
+        BITS=kw.bits, CONTAINER=kw.container if not kw.fp8 else 8, W_FP8=kw.fp8, HAS_ZERO=kw.zero is not None,
+        HAS_BIAS=bias is not None, ATOMIC=atomic, INTERPRET=interpreting(),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y.to(x2.dtype) if atomic else y
+
+
+def wint_a16_linear(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = None,
+                    config: Config | None = None) -> torch.Tensor:
+    """x (..., K) bf16/fp16 -> (..., N) in x's dtype."""
+    x2 = x.reshape(-1, kw.k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if config is None:
+        m = x2.shape[0]
+        key = f"wint_a16/{tuning.m_bucket(m)}/{kw.n}/{kw.k}/{kw.bits}/{kw.group}/{kw.zero is not None}/{x.dtype}"
+        config = tuning.pick(key, candidates(m, kw.group, kw.k), lambda c: launch(x2, kw, bias, c))
+    return launch(x2, kw, bias, config).reshape(*x.shape[:-1], kw.n)
+
+
+def wint_a16_ref(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel's function in plain PyTorch: dequantize (float32), round to x's dtype, matmul."""
+    w = dequantize_kernel_weight(kw).to(x.dtype)
+    return (x.float() @ w.float().T + (0 if bias is None else bias.float())).to(x.dtype)

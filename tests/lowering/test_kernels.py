@@ -1,0 +1,154 @@
+"""Triton kernels against their plain-PyTorch references, on random inputs.
+
+On a machine without a GPU these run under TRITON_INTERPRET=1 (set in conftest) at small
+sizes; with a GPU they run compiled. Shapes include M, N, K that are not multiples of the
+block sizes, and K that is not a multiple of the group size.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from qfx import primitives as P
+from qfx.lowering.kernels.act_quant_gemm import act_quant_linear, act_quant_ref
+from qfx.lowering.kernels.layout import dequantize_kernel_weight, kernel_weight, pack_words, unpack_words
+from qfx.lowering.kernels.tuning import Config
+from qfx.lowering.kernels.wint_a16 import wint_a16_linear, wint_a16_ref
+from qfx.ops import dequantize_packed
+from qfx.passes.quantize_linears import quantize_weight_tensors
+from qfx.config import QuantSpec, weight_spec
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel_err(out, ref):
+    assert torch.isfinite(out).all()
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+def make_weight(n, k, bits, group, sym, fp8=False, int8_rows=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    spec = (QuantSpec(bits=8, dtype="fp8", granularity="channel", group_size=None) if fp8
+            else weight_spec(bits, group_size=group, symmetric=sym))
+    t = quantize_weight_tensors(w, spec)
+    args = (t["qweight"], t["w_scale"], t.get("w_zero"), 8 if fp8 else bits, 0 if fp8 else group, k)
+    kw = kernel_weight(*[a.to(DEVICE) if torch.is_tensor(a) else a for a in args], int8_rows=int8_rows)
+    return kw, args
+
+
+def rand_x(m, k, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, k, generator=g).to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("container", [2, 4, 8])
+def test_pack_words_round_trip(container):
+    codes = torch.randint(0, 1 << container, (5, 37), dtype=torch.uint8)
+    words = pack_words(codes, container)
+    assert words.dtype == torch.int32 and words.shape == (-(-37 // (32 // container)), 5)
+    assert torch.equal(unpack_words(words, container, 37), codes)
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (3, 64, True), (8, 0, True), (2, 16, False)])
+def test_kernel_layout_dequantizes_like_the_op(bits, group, sym):
+    kw, args = make_weight(24, 100, bits, group, sym)
+    assert torch.equal(dequantize_kernel_weight(kw).cpu(), dequantize_packed(*args))
+
+
+def test_int8_rows_and_fp8_layouts_dequantize_like_the_op():
+    for fp8, rows in [(True, False), (False, True)]:
+        kw, args = make_weight(24, 100, 8, 0, True, fp8=fp8, int8_rows=rows)
+        assert kw.layout == "rows"
+        assert torch.equal(dequantize_kernel_weight(kw).cpu(), dequantize_packed(*args))
+
+
+# tolerance: kernel and reference round the same bf16/fp16 products; they differ only in the
+# order of float32 accumulation and in the final rounding to x's dtype
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 64, False), (4, 32, True), (8, 0, True), (3, 64, False),
+                                            (2, 32, True), (8, 128, False)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_wint_a16_matches_reference(bits, group, sym, dtype):
+    kw, _ = make_weight(80, 200, bits, group, sym)
+    x = rand_x(19, 200, dtype)
+    bias = torch.randn(80).to(dtype).to(DEVICE)
+    out = wint_a16_linear(x, kw, bias, config=Config(16, 32, 64))
+    assert rel_err(out, wint_a16_ref(x, kw, bias)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("cfg", [Config(16, 32, 32, split_k=3), Config(32, 64, 64, split_k=2), Config(16, 16, 16)])
+def test_wint_a16_split_k_and_tiles(cfg):
+    kw, _ = make_weight(72, 160, 4, 32, False)
+    x = rand_x(5, 160, torch.bfloat16)
+    out = wint_a16_linear(x.view(1, 5, 160), kw, config=cfg)
+    assert out.shape == (1, 5, 72) and out.dtype == torch.bfloat16
+    assert rel_err(out.view(5, 72), wint_a16_ref(x, kw)) < TOL[torch.bfloat16]
+
+
+def test_wint_a16_fp8_weights():
+    kw, _ = make_weight(48, 96, 8, 0, True, fp8=True)
+    x = rand_x(3, 96, torch.bfloat16)
+    out = wint_a16_linear(x, kw, config=Config(16, 32, 32, split_k=2))
+    assert rel_err(out, wint_a16_ref(x, kw)) < TOL[torch.bfloat16]
+
+
+@settings(max_examples=8, deadline=None)
+@given(m=st.integers(1, 40), n=st.integers(1, 70), k_groups=st.integers(1, 5), bits=st.sampled_from([2, 3, 4, 8]),
+       sym=st.booleans())
+def test_wint_a16_drawn_shapes(m, n, k_groups, bits, sym):
+    k = 32 * k_groups - 7  # a short last group
+    kw, _ = make_weight(n, k, bits, 32, sym, seed=m * n)
+    x = rand_x(m, k, torch.bfloat16, seed=k)
+    out = wint_a16_linear(x, kw, config=Config(16, 32, 32, split_k=2))
+    assert rel_err(out, wint_a16_ref(x, kw)) < TOL[torch.bfloat16]
+
+
+# int8 / fp8 activations: the kernel computes the same codes as the reference except where x/s
+# lands within float32 rounding of a tie, so the results agree to float32 accumulation order
+# plus the final rounding to x's dtype
+@pytest.mark.parametrize("bits,group,rows", [(8, 0, True), (8, 0, False), (4, 64, False), (4, 0, False),
+                                             (4, 32, False)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int8_activation_gemm_matches_reference(bits, group, rows, dtype):
+    kw, _ = make_weight(80, 200, bits, group, True, int8_rows=rows)
+    x = rand_x(19, 200, dtype)
+    bias = torch.randn(80).to(dtype).to(DEVICE)
+    out = act_quant_linear(x, kw, bias=bias, config=Config(16, 32, 32))
+    assert rel_err(out, act_quant_ref(x, kw, bias=bias)) < TOL[dtype]
+
+
+def test_fp8_rowwise_gemm_matches_reference():
+    kw, _ = make_weight(80, 200, 8, 0, True, fp8=True)
+    x = rand_x(19, 200, torch.bfloat16) * 7
+    out = act_quant_linear(x, kw, config=Config(16, 32, 32))
+    assert rel_err(out, act_quant_ref(x, kw)) < TOL[torch.bfloat16]
+
+
+def test_static_activation_scale():
+    kw, _ = make_weight(40, 96, 8, 0, True, int8_rows=True)
+    x = rand_x(7, 96, torch.bfloat16)
+    a_scale = (x.float().abs().amax() / 100).reshape(())  # some values clip at 127
+    out = act_quant_linear(x, kw, a_scale=a_scale, config=Config(16, 32, 32))
+    assert rel_err(out, act_quant_ref(x, kw, a_scale=a_scale)) < TOL[torch.bfloat16]
+
+
+@settings(max_examples=6, deadline=None)
+@given(m=st.integers(1, 40), n=st.integers(1, 70), k=st.integers(1, 150))
+def test_int8_activation_gemm_drawn_shapes(m, n, k):
+    kw, _ = make_weight(n, k, 8, 0, True, int8_rows=True, seed=m + n)
+    x = rand_x(m, k, torch.bfloat16, seed=k)
+    out = act_quant_linear(x, kw, config=Config(16, 32, 32))
+    assert rel_err(out, act_quant_ref(x, kw)) < TOL[torch.bfloat16]
+
+
+def test_kernel_agrees_with_op_reference():
+    """Through the layout: the kernel computes what `qfx::quantized_linear` computes."""
+    from qfx.ops import quantized_linear_ref
+
+    kw, args = make_weight(48, 128, 4, 64, False)
+    x = rand_x(6, 128, torch.bfloat16)
+    ref = quantized_linear_ref(x.cpu(), args[0], args[1], args[2], None, 4, 64, 128, 16, None)
+    assert rel_err(wint_a16_linear(x, kw, config=Config(16, 32, 64)).cpu(), ref) < TOL[torch.bfloat16]
