@@ -41,7 +41,9 @@ def test_kernels_lowering_matches_eager(recipe, lowered, token_ids):
     """kernels="on" runs the Triton kernels (under the interpreter without a GPU)."""
     from tests.conftest import tiny_model
 
-    q = qfx.quantize(tiny_model("llama", dtype=torch.bfloat16), recipe)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q = qfx.quantize(tiny_model("llama", dtype=torch.bfloat16).to(device), recipe)
+    token_ids = token_ids.to(device)
     backend, seen = _spy({"kernels": "on"})
     with torch.no_grad():
         eager = q(token_ids)

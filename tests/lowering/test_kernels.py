@@ -88,6 +88,18 @@ def test_wint_a16_split_k_and_tiles(cfg):
     assert rel_err(out.view(5, 72), wint_a16_ref(x, kw)) < TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (4, 128, True), (8, 0, False), (3, 48, False)])
+@pytest.mark.parametrize("cfg", [Config(1, 32, 64, 1, variant="gemv"), Config(1, 16, 128, 2, variant="gemv"),
+                                 Config(16, 32, 0, variant="dequant")])
+def test_wint_a16_gemv_and_dequant_variants(bits, group, sym, cfg):
+    kw, _ = make_weight(72, 290, bits, group, sym)
+    bias = torch.randn(72).to(torch.bfloat16).to(DEVICE)
+    for m in (1, 3):  # gemv applies to one row; other M fall back to the tiled kernel
+        x = rand_x(m, 290, torch.bfloat16, seed=m)
+        out = wint_a16_linear(x, kw, bias, config=cfg)
+        assert rel_err(out, wint_a16_ref(x, kw, bias)) < TOL[torch.bfloat16]
+
+
 def test_wint_a16_fp8_weights():
     kw, _ = make_weight(48, 96, 8, 0, True, fp8=True)
     x = rand_x(3, 96, torch.bfloat16)
@@ -118,6 +130,35 @@ def test_int8_activation_gemm_matches_reference(bits, group, rows, dtype):
     bias = torch.randn(80).to(dtype).to(DEVICE)
     out = act_quant_linear(x, kw, bias=bias, config=Config(16, 32, 32))
     assert rel_err(out, act_quant_ref(x, kw, bias=bias)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("fmt", ["w8", "w4g64", "fp8"])
+@pytest.mark.parametrize("cfg", [Config(16, 32, 64, split_k=3), Config(32, 32, 32, variant="prequant"),
+                                 Config(16, 64, 32, split_k=2, variant="prequant")])
+def test_act_quant_split_k_and_prequant(fmt, cfg):
+    kw, _ = {"w8": lambda: make_weight(56, 300, 8, 0, True, int8_rows=True),
+             "w4g64": lambda: make_weight(56, 300, 4, 64, True),
+             "fp8": lambda: make_weight(56, 300, 8, 0, True, fp8=True)}[fmt]()
+    x = rand_x(21, 300, torch.bfloat16) * 3
+    bias = torch.randn(56).to(torch.bfloat16).to(DEVICE)
+    out = act_quant_linear(x, kw, bias=bias, config=cfg)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, act_quant_ref(x, kw, bias=bias)) < TOL[torch.bfloat16]
+
+
+def test_quantize_rows_matches_per_token_reference():
+    from qfx.lowering.kernels.act_quant_gemm import quantize_rows
+
+    x = rand_x(9, 333, torch.bfloat16) * 5
+    q, scale = quantize_rows(x, fp8=False)
+    ref_q, ref_scale = P.quantize_per_token(x.cpu(), 8)
+    torch.testing.assert_close(scale.cpu(), ref_scale.squeeze(-1), rtol=0, atol=0)
+    # x * (1/s) and x / s can differ in the last bit, which moves a code only at a rounding tie
+    assert (q.cpu().int() - ref_q.int()).abs().max() <= 1
+    assert (q.cpu() != ref_q).float().mean() < 1e-3
+    q8, scale8 = quantize_rows(x, fp8=True)
+    ref8 = P.fp8_quantize(x.cpu(), P.fp8_scale(x.cpu().float().abs().amax(-1, keepdim=True)))
+    assert (q8.cpu().float() != ref8.float()).float().mean() < 1e-3
 
 
 def test_fp8_rowwise_gemm_matches_reference():

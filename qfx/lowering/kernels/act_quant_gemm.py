@@ -24,8 +24,6 @@ from qfx.lowering.kernels.layout import KernelWeight, dequantize_kernel_weight
 from qfx.lowering.kernels.tuning import Config
 from qfx.lowering.kernels.wint_a16 import fit_block_k, load_packed_codes, tile_ids
 
-_ROUND = 12582912.0  # 1.5 * 2^23: (v + _ROUND) - _ROUND rounds |v| < 2^22 half-to-even in float32
-INT8_DIV = 127.5  # qfx's symmetric int8 scale: absmax / ((qmax - qmin) / 2)
 
 
 @triton.jit
@@ -37,24 +35,62 @@ def round_to_e4m3_grid(v):
     """
     exponent = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     ulp = ((tl.maximum(exponent, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2^(e - 3)
-    return (tl.math.div_rn(v, ulp) + _ROUND - _ROUND) * ulp
+    return ((tl.math.div_rn(v, ulp) + 12582912.0) - 12582912.0) * ulp  # 1.5 * 2^23: round half to even
+
+
+@triton.jit
+def quantize_tile(a, inv_scale, FP8: tl.constexpr, EXACT_FP8_CAST: tl.constexpr):
+    """float32 tile (BM, BK) times 1/scale per row -> int8 codes or e4m3 values."""
+    v = a * inv_scale[:, None]
+    if FP8:
+        v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+        if EXACT_FP8_CAST:
+            v = round_to_e4m3_grid(v)
+        return v.to(tl.float8e4nv)
+    v = (v + 12582912.0) - 12582912.0  # 1.5 * 2^23: rounds half to even, like torch.round
+    return tl.minimum(tl.maximum(v, -128.0), 127.0).to(tl.int8)
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, FP8: tl.constexpr, EXACT_FP8_CAST: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+    """One row of x per program: its scale (absmax / 127.5 or / 448) and its codes (M, K)."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    amax = tl.zeros((1,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(a), axis=0))
+    scale = tl.maximum(tl.math.div_rn(amax, 448.0 if FP8 else 127.5), 1e-12)
+    inv = tl.math.div_rn(tl.full((1,), 1.0, tl.float32), scale)
+    tl.store(s_ptr + row + tl.arange(0, 1), scale)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        q = quantize_tile(a[None, :], inv, FP8, EXACT_FP8_CAST)
+        tl.store(q_ptr + row * K + k0 + offs[None, :], q, mask=(k0 + offs < K)[None, :])
 
 
 @triton.jit
 def _act_quant_gemm_kernel(
     x_ptr, w_ptr, ws_ptr, as_ptr, b_ptr, y_ptr,
-    M, N, K, GROUP, stride_xm, stride_ym,
+    M, N, K, GROUP, stride_xm, stride_ym, SPLIT_K,
     BITS: tl.constexpr, CONTAINER: tl.constexpr, ROWS: tl.constexpr, FP8: tl.constexpr,
-    STATIC: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, EXACT_FP8_CAST: tl.constexpr,
+    A_MODE: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+    EXACT_FP8_CAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    """A_MODE 0: x float, scales per row computed here (dynamic); 1: x float, one static scale
+    at as_ptr; 2: x already quantized (int8/e4m3 codes), its row scales at as_ptr."""
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
     x_rows = x_ptr + offs_m[:, None] * stride_xm
-    if STATIC:
+    if A_MODE == 2:
+        a_scale = tl.load(as_ptr + offs_m, mask=mask_m, other=1.0)
+    elif A_MODE == 1:
         a_scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(as_ptr).to(tl.float32)
     else:
         amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -63,26 +99,24 @@ def _act_quant_gemm_kernel(
             a = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
             amax = tl.maximum(amax, tl.max(tl.abs(a.to(tl.float32)), axis=1))
         a_scale = tl.maximum(tl.math.div_rn(amax, 448.0 if FP8 else 127.5), 1e-12)
+    inv_scale = tl.math.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), a_scale)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        a = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-        v = tl.math.div_rn(a, a_scale[:, None])
+        a = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if A_MODE != 2:
+            a = quantize_tile(a.to(tl.float32), inv_scale, FP8, EXACT_FP8_CAST)
         if ROWS:
             w = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :],
                         other=0.0)
         else:
             w = (load_packed_codes(w_ptr, offs_k, offs_n, mask_k, mask_n, N, CONTAINER) - (1 << (BITS - 1))).to(tl.int8)
         if FP8:
-            v = tl.minimum(tl.maximum(v, -448.0), 448.0)
-            if EXACT_FP8_CAST:
-                v = round_to_e4m3_grid(v)
-            part = tl.dot(v.to(tl.float8e4nv), w)
+            part = tl.dot(a, w)
         else:
-            q = tl.minimum(tl.maximum(v + _ROUND - _ROUND, -128.0), 127.0).to(tl.int8)
-            part = tl.dot(q, w, out_dtype=tl.int32)
+            part = tl.dot(a, w, out_dtype=tl.int32)
         if GROUPED:
             s = tl.load(ws_ptr + (k0 // GROUP) * N + offs_n, mask=mask_n, other=0.0)
             acc += part.to(tl.float32) * s[None, :]
@@ -96,27 +130,36 @@ def _act_quant_gemm_kernel(
         acc = acc * tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     acc = acc * a_scale[:, None]
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+        if pid_k == 0:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if ATOMIC:
+        tl.atomic_add(y, acc, mask=mask)
+    else:
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def candidates(m: int, group: int, k: int) -> list[Config]:
-    """Explicit configs by M bucket; int8/fp8 dots want BLOCK_K >= 32."""
+    """Explicit configs by M bucket; int8/fp8 dots want BLOCK_K >= 32. Above M = 64 the
+    activations are quantized by a separate pass ("prequant"), so the GEMM reads int8/e4m3 x once
+    per N tile instead of re-quantizing it in every one."""
     if m <= 16:
-        cfgs = [Config(16, n, k, 1, 4, st) for n, k, st in
-                [(64, 128, 4), (32, 128, 4), (64, 256, 3), (32, 256, 4), (128, 128, 4), (16, 256, 4)]]
+        cfgs = [Config(16, n, bk, s, 4, st) for n, bk, s, st in
+                [(64, 128, 1, 4), (64, 256, 2, 3), (32, 256, 4, 4), (128, 128, 4, 4), (64, 128, 8, 4), (32, 128, 1, 4),
+                 (64, 256, 4, 3)]]
     elif m <= 64:
-        cfgs = [Config(bm, n, k, 1, 4, st) for bm, n, k, st in
-                [(64, 64, 128, 4), (32, 64, 128, 4), (64, 128, 128, 4), (32, 32, 256, 4), (64, 32, 128, 4)]]
+        cfgs = [Config(bm, n, bk, s, 4, st) for bm, n, bk, s, st in
+                [(64, 64, 128, 1, 4), (32, 64, 128, 2, 4), (64, 128, 128, 2, 4), (32, 32, 256, 1, 4), (64, 64, 128, 4, 4)]]
+        cfgs += [c._replace(variant="prequant") for c in cfgs[:2]]
     elif m <= 256:
-        cfgs = [Config(bm, n, k, 1, w, st) for bm, n, k, w, st in
+        cfgs = [Config(bm, n, bk, 1, w, st, variant="prequant") for bm, n, bk, w, st in
                 [(64, 128, 128, 4, 4), (128, 128, 128, 8, 3), (64, 64, 128, 4, 4), (128, 64, 128, 4, 4),
                  (64, 256, 128, 8, 3)]]
     else:
-        cfgs = [Config(bm, n, k, 1, w, st) for bm, n, k, w, st in
+        cfgs = [Config(bm, n, bk, 1, w, st, variant="prequant") for bm, n, bk, w, st in
                 [(128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (128, 128, 64, 4, 4), (256, 128, 128, 8, 3),
-                 (128, 128, 128, 4, 4), (64, 128, 128, 4, 4)]]
+                 (128, 128, 128, 4, 4), (128, 256, 64, 8, 4)]]
     return [fit_block_k(c, group, k) for c in cfgs]
 
 
@@ -127,22 +170,40 @@ def supported(kw: KernelWeight) -> bool:
     return kw.zero is None and (kw.group >= kw.k or kw.group % 32 == 0)
 
 
+def quantize_rows(x2: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) -> (codes (M, K) int8 or float8_e4m3fn, row scales (M,) float32)."""
+    m, k = x2.shape
+    q = torch.empty((m, k), device=x2.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
+    scale = torch.empty((m,), device=x2.device, dtype=torch.float32)
+    _quantize_rows_kernel[(m,)](x2, q, scale, k, x2.stride(0), FP8=fp8, EXACT_FP8_CAST=fp8 and interpreting(),
+                                BLOCK_K=min(1024, triton.next_power_of_2(k)), num_warps=4)
+    return q, scale
+
+
 def launch(x2, kw: KernelWeight, a_scale, bias, cfg: Config) -> torch.Tensor:
+    """y (M, N) in x2's dtype for x2 (M, K) contiguous rows, with the given config."""
     cfg = fit_block_k(cfg, kw.group, kw.k)
+    out_dtype = x2.dtype
+    a_mode = 1 if a_scale is not None else 0
+    if a_mode == 0 and cfg.variant == "prequant":
+        x2, a_scale = quantize_rows(x2, kw.fp8)
+        a_mode = 2
     m = x2.shape[0]
-    y = torch.empty((m, kw.n), device=x2.device, dtype=x2.dtype)
+    atomic = cfg.split_k > 1
+    y = (torch.zeros if atomic else torch.empty)((m, kw.n), device=x2.device,
+                                                 dtype=torch.float32 if atomic else out_dtype)
     grouped = kw.group < kw.k
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(kw.n, cfg.block_n),)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(kw.n, cfg.block_n), cfg.split_k)
     _act_quant_gemm_kernel[grid](
         x2, kw.data, kw.scale, a_scale, bias, y,
-        m, kw.n, kw.k, kw.group if grouped else 1 << 30, x2.stride(0), y.stride(0),
+        m, kw.n, kw.k, kw.group if grouped else 1 << 30, x2.stride(0), y.stride(0), cfg.split_k,
         BITS=kw.bits, CONTAINER=kw.container, ROWS=kw.layout == "rows", FP8=kw.fp8,
-        STATIC=a_scale is not None, GROUPED=grouped, HAS_BIAS=bias is not None,
+        A_MODE=a_mode, GROUPED=grouped, HAS_BIAS=bias is not None, ATOMIC=atomic,
         EXACT_FP8_CAST=kw.fp8 and interpreting(),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return y
+    return y.to(out_dtype) if atomic else y
 
 
 def act_quant_linear(x: torch.Tensor, kw: KernelWeight, a_scale: torch.Tensor | None = None,

@@ -29,6 +29,7 @@ class Config(NamedTuple):
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8
+    variant: str = "tiled"  # which kernel of a family runs: e.g. "tiled", "gemv", "dequant"
 
 
 def m_bucket(m: int) -> int:

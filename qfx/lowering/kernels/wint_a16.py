@@ -7,6 +7,12 @@ BLOCK_K / per_word word rows of W, unpack and dequantize in float32 with the gro
 (BLOCK_K divides the group, so one scale row per step), round to x's dtype, tensor-core dot,
 float32 accumulate. Small M is memory bound and has too few tiles to fill the GPU, so those
 configs split K over `split_k` programs that add float32 partials atomically.
+
+Two more variants, picked by timing like any config:
+- "gemv" (M = 1): no tensor cores; each program reads whole word rows of a K chunk (one group,
+  so one scale and zero per column), multiplies the codes by x on the CUDA cores, and applies
+  scale and zero once per chunk: sum_k x_k (u_k - z) s = s (sum_k x_k u_k - z sum_k x_k).
+- "dequant" (large M, compute bound): one pass writes W^T in x's dtype, then cuBLAS multiplies.
 """
 
 from __future__ import annotations
@@ -88,8 +94,85 @@ def _wint_a16_kernel(
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _wint_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, GROUP, SPLIT_K,
+    BITS: tl.constexpr, CONTAINER: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ATOMIC: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """y (1, N) for one row x: program (pid_n, pid_k) takes columns pid_n*BLOCK_N.. and every
+    SPLIT_K-th BLOCK_K slice of K, in CHUNK-long pieces that lie in one group."""
+    PER_WORD: tl.constexpr = 32 // CONTAINER
+    ROWS: tl.constexpr = CHUNK // PER_WORD
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_r = tl.arange(0, ROWS)
+    n_rows = tl.cdiv(K, PER_WORD)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+        for c in tl.static_range(BLOCK_K // CHUNK):
+            kc = k0 + c * CHUNK
+            rows = kc // PER_WORD + offs_r
+            words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :],
+                            mask=(rows < n_rows)[:, None] & mask_n[None, :], other=0)
+            xu = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+            x_sum = tl.zeros((ROWS,), dtype=tl.float32)
+            for j in tl.static_range(PER_WORD):
+                kk = kc + offs_r * PER_WORD + j
+                xj = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+                xu += xj[:, None] * ((words >> (j * CONTAINER)) & ((1 << CONTAINER) - 1)).to(tl.float32)
+                x_sum += xj
+            g = tl.minimum(kc, K - 1) // GROUP  # a chunk past K adds 0 (x is 0 there) but must read in bounds
+            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0)
+            if HAS_ZERO:
+                z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0)
+            else:
+                z = (1 << (BITS - 1)) + tl.zeros((BLOCK_N,), dtype=tl.float32)
+            acc += s * (tl.sum(xu, axis=0) - z * tl.sum(x_sum, axis=0))
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if ATOMIC:
+        tl.atomic_add(y_ptr + offs_n, acc, mask=mask_n)
+    else:
+        tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _dequant_t_kernel(
+    w_ptr, s_ptr, z_ptr, out_ptr, N, K, GROUP,
+    BITS: tl.constexpr, CONTAINER: tl.constexpr, HAS_ZERO: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out (K, N) = W^T in out's dtype, from BLOCK_R word rows x BLOCK_N columns per program."""
+    PER_WORD: tl.constexpr = 32 // CONTAINER
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :],
+                    mask=(rows < tl.cdiv(K, PER_WORD))[:, None] & mask_n[None, :], other=0)
+    for j in tl.static_range(PER_WORD):
+        k = rows * PER_WORD + j
+        mask = (k < K)[:, None] & mask_n[None, :]
+        sz = (k // GROUP)[:, None] * N + offs_n[None, :]
+        w = ((words >> (j * CONTAINER)) & ((1 << CONTAINER) - 1)).to(tl.float32)
+        if HAS_ZERO:
+            w = w - tl.load(z_ptr + sz, mask=mask, other=0.0)
+        else:
+            w = w - (1 << (BITS - 1))
+        w = w * tl.load(s_ptr + sz, mask=mask, other=0.0)
+        tl.store(out_ptr + k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def candidates(m: int, group: int, k: int) -> list[Config]:
     """Explicit configs by M bucket (H100-sized); BLOCK_K is cut to divide the group."""
+    gemv = [Config(1, n, bk, s, w, st, variant="gemv") for n, bk, s, w, st in
+            [(128, 512, 1, 4, 3), (64, 512, 1, 4, 3), (128, 256, 2, 4, 3), (256, 512, 1, 8, 3), (64, 1024, 1, 4, 2),
+             (128, 512, 2, 4, 3), (32, 1024, 1, 2, 3), (128, 1024, 4, 4, 2)]]
+    if m == 1:
+        return gemv + [Config(16, 64, 128, 1, 4, 4), Config(16, 64, 128, 4, 4, 4)]
     if m <= 16:
         cfgs = [Config(16, n, k, s, 4, 4) for n, k, s in
                 [(64, 128, 4), (64, 256, 2), (128, 128, 4), (64, 128, 8), (32, 256, 4), (128, 256, 2), (64, 128, 1),
@@ -102,11 +185,20 @@ def candidates(m: int, group: int, k: int) -> list[Config]:
         cfgs = [Config(bm, n, k, s, w, st) for bm, n, k, s, w, st in
                 [(64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3), (64, 64, 128, 2, 4, 4), (64, 128, 128, 1, 4, 3),
                  (128, 64, 64, 2, 4, 4), (64, 256, 64, 1, 8, 3)]]
+        cfgs += [Config(16, 128, 0, variant="dequant")]
     else:
         cfgs = [Config(bm, n, k, 1, w, st) for bm, n, k, w, st in
                 [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
                  (256, 128, 64, 8, 3), (128, 128, 128, 8, 3)]]
+        if m >= 512:
+            cfgs += [Config(16, 128, 0, variant="dequant"), Config(32, 64, 0, variant="dequant")]
     return [fit_block_k(c, group, k) for c in cfgs]
+
+
+def gemv_chunk(cfg: Config, group: int, k: int) -> int:
+    """K elements per scale lookup in the gemv kernel: a power of two inside one group."""
+    chunk = cfg.block_k if group >= k else group & -group  # per channel: any; else the group's 2-power part
+    return max(min(chunk, cfg.block_k), 8)
 
 
 def fit_block_k(cfg: Config, group: int, k: int) -> Config:
@@ -114,6 +206,8 @@ def fit_block_k(cfg: Config, group: int, k: int) -> Config:
     if group >= k:  # per channel
         return cfg
     bk = cfg.block_k
+    if cfg.variant != "tiled":
+        return cfg
     while group % bk and bk > 16:
         bk //= 2
     return cfg._replace(block_k=bk)
@@ -128,10 +222,31 @@ def launch(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, cfg: C
     """y (M, N) for x2 (M, K) contiguous rows, with the given config."""
     cfg = fit_block_k(cfg, kw.group, kw.k)
     m = x2.shape[0]
+    group = kw.group if kw.group < kw.k else 1 << 30  # per channel: one scale row
+    if cfg.variant == "dequant" and not kw.fp8:
+        w_t = torch.empty((kw.k, kw.n), device=x2.device, dtype=x2.dtype)
+        grid = (triton.cdiv(triton.cdiv(kw.k, 32 // kw.container), cfg.block_m), triton.cdiv(kw.n, cfg.block_n))
+        _dequant_t_kernel[grid](kw.data, kw.scale, kw.zero, w_t, kw.n, kw.k, group, BITS=kw.bits,
+                                CONTAINER=kw.container, HAS_ZERO=kw.zero is not None, BLOCK_R=cfg.block_m,
+                                BLOCK_N=cfg.block_n)
+        y = x2 @ w_t
+        return y if bias is None else y + bias
+    if cfg.variant == "gemv" and m == 1 and not kw.fp8:
+        atomic = cfg.split_k > 1
+        y = (torch.zeros if atomic else torch.empty)((1, kw.n), device=x2.device,
+                                                     dtype=torch.float32 if atomic else x2.dtype)
+        grid = (triton.cdiv(kw.n, cfg.block_n), cfg.split_k)
+        _wint_gemv_kernel[grid](
+            x2, kw.data, kw.scale, kw.zero, bias, y, kw.n, kw.k, group, cfg.split_k,
+            BITS=kw.bits, CONTAINER=kw.container, HAS_ZERO=kw.zero is not None, HAS_BIAS=bias is not None,
+            ATOMIC=atomic, CHUNK=gemv_chunk(cfg, kw.group, kw.k), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return y.to(x2.dtype) if atomic else y
+    if cfg.variant != "tiled":  # a variant that does not apply here (e.g. gemv for M > 1)
+        cfg = fit_block_k(Config(16 if m <= 16 else 64, 64, 64), kw.group, kw.k)
     atomic = cfg.split_k > 1
     y = (torch.zeros if atomic else torch.empty)((m, kw.n), device=x2.device,
                                                  dtype=torch.float32 if atomic else x2.dtype)
-    group = kw.group if kw.group < kw.k else 1 << 30  # per channel: one scale row
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(kw.n, cfg.block_n), cfg.split_k)
     _wint_a16_kernel[grid](
         x2, kw.data, kw.scale, kw.zero, bias, y,

@@ -1,0 +1,259 @@
+"""Kernel benchmark: qfx's Triton GEMMs against cuBLAS bf16, torch._int_mm, torch._scaled_mm, torchao int4,
+and the roofline, on Llama-3-8B and Llama-3.2-1B linear shapes (CUDA only).
+
+    python benchmarks/bench_kernels.py --out benchmarks/results
+
+Method: random weights and activations (never zeros); each kernel is first checked against its
+plain-PyTorch reference at the benchmarked shape, and a kernel that fails the check gets no
+speed. Timing: one CUDA graph holding `copies` calls, each on its own copy of the weights so
+that the set exceeds L2 (cold weights, as in a model where every layer's weights are new);
+the graph is replayed >= 10 times and the median replay time, divided by `copies`, is the time
+per call. qfx W8A8 / FP8 / W4A8 times include the per-token activation quantization;
+torch._int_mm and torch._scaled_mm times are the GEMM alone on pre-quantized activations.
+Roofline: bytes a call must move (weights with scales and zeros, x, y) over the copy bandwidth
+measured in this run, and FLOPs over the matching tensor-core rate measured in this run (bf16
+for weight-only, int8, fp8); the larger of the two is the floor, fraction = floor / time.
+Writes kernels.json (a list of rows) and kernels.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qfx.config import QuantSpec, weight_spec  # noqa: E402
+from qfx.lowering.kernels import act_quant_gemm, wint_a16  # noqa: E402
+from qfx.lowering.kernels.layout import KernelWeight, kernel_weight  # noqa: E402
+from qfx.passes.quantize_linears import op_group_size, quantize_weight_tensors  # noqa: E402
+
+SHAPES = {  # name: (N, K) of y = x W^T
+    "8b.qkv": (6144, 4096), "8b.o": (4096, 4096), "8b.gate_up": (28672, 4096), "8b.down": (4096, 14336),
+    "1b.qkv": (3072, 2048), "1b.o": (2048, 2048), "1b.gate_up": (16384, 2048), "1b.down": (2048, 8192),
+}
+FORMATS = {  # name: (weight spec, activation bits)
+    "w4a16_g128": (weight_spec(4, 128, symmetric=False), 16),
+    "w8a8": (weight_spec(8, 0, symmetric=True), 8),
+    "fp8": (QuantSpec(bits=8, dtype="fp8", granularity="channel", group_size=None), 8),
+    "w4a8_g128": (weight_spec(4, 128, symmetric=True), 8),
+}
+L2_COLD_BYTES = 256 << 20  # the weight copies of one timing graph add up to at least this (H100 L2: 50 MB)
+
+
+def graph_time_us(calls, replays: int = 15) -> float:
+    """Median time per call of `calls` (zero-arg callables), captured in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in calls[:3]:  # warm-up: tuning, compilation, allocator
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in calls:
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    return statistics.median(times)
+
+
+def n_copies(nbytes: int) -> int:
+    return max(2, min(64, math.ceil(L2_COLD_BYTES / nbytes)))
+
+
+def ceilings() -> dict[str, float]:
+    """Copy bandwidth (bytes/s) and bf16 / int8 / fp8 dense matmul rates (FLOP/s) measured here."""
+    out = {}
+    src = torch.randn(1 << 28, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    out["bandwidth"] = 2 * src.numel() * 4 / (graph_time_us([lambda: dst.copy_(src)] * 4) * 1e-6)
+    del src, dst
+    n = 8192
+    a, b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16), torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    out["bf16"] = 2 * n**3 / (graph_time_us([lambda: a @ b] * 4) * 1e-6)
+    ai = torch.randint(-127, 127, (n, n), device="cuda", dtype=torch.int8)
+    bi = torch.randint(-127, 127, (n, n), device="cuda", dtype=torch.int8).T
+    out["int8"] = 2 * n**3 / (graph_time_us([lambda: torch._int_mm(ai, bi)] * 4) * 1e-6)
+    a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).T
+    one = torch.ones((), device="cuda")
+    out["fp8"] = 2 * n**3 / (graph_time_us([lambda: torch._scaled_mm(a8, b8, one, one, out_dtype=torch.bfloat16)] * 4)
+                             * 1e-6)
+    return out
+
+
+def kw_bytes(kw: KernelWeight) -> int:
+    return sum(t.numel() * t.element_size() for t in (kw.data, kw.scale, kw.zero) if t is not None)
+
+
+def clone_kw(kw: KernelWeight) -> KernelWeight:
+    return KernelWeight(kw.layout, kw.data.clone(), kw.scale.clone(), None if kw.zero is None else kw.zero.clone(),
+                        kw.bits, kw.group, kw.n, kw.k)
+
+
+def qfx_kernel(fmt: str, w: torch.Tensor):
+    """(kernel weight, run(x, kw), reference(x, kw)) for one format."""
+    spec, a_bits = FORMATS[fmt]
+    t = quantize_weight_tensors(w, spec)
+    kw = kernel_weight(t["qweight"], t["w_scale"], t.get("w_zero"), spec.bits, op_group_size(spec), w.shape[1],
+                       int8_rows=fmt == "w8a8")
+    if a_bits == 16:
+        return kw, wint_a16.wint_a16_linear, wint_a16.wint_a16_ref
+    return kw, act_quant_gemm.act_quant_linear, act_quant_gemm.act_quant_ref
+
+
+def rel_err(out, ref) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+def torchao_int4(w: torch.Tensor, group: int):
+    """torchao's int4 weight-only linear (tinygemm), or None with the reason."""
+    try:
+        import torchao
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="cuda", dtype=torch.bfloat16)
+        lin.weight.data.copy_(w)
+        quantize_(lin, Int4WeightOnlyConfig(group_size=group, int4_packing_format="tile_packed_to_4d"))
+        return lin, f"torchao {torchao.__version__} Int4WeightOnlyConfig(tile_packed_to_4d)"
+    except Exception as e:  # noqa: BLE001
+        return None, f"torchao int4 unavailable: {type(e).__name__}: {e}"
+
+
+def bench_shape(name: str, n: int, k: int, ms: list[int], formats: list[str], roof: dict, notes: set) -> list[dict]:
+    gen = torch.Generator(device="cuda").manual_seed(hash(name) % 2**31)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+    rows = []
+    w_copies = [w] + [w.clone() for _ in range(n_copies(w.numel() * 2) - 1)]
+    ao, ao_note = torchao_int4(w, 128) if "w4a16_g128" in formats else (None, "")
+    notes.add(ao_note) if ao_note else None
+    ao_copies = [ao] if ao is not None else []
+    if ao is not None:
+        import copy
+
+        ao_copies += [copy.deepcopy(ao) for _ in range(n_copies(n * k // 2) - 1)]
+    for fmt in formats:
+        try:
+            kw, run, ref = qfx_kernel(fmt, w)
+        except Exception as e:  # noqa: BLE001
+            notes.add(f"{fmt} {name}: no kernel weight: {e}")
+            continue
+        kws = [kw] + [clone_kw(kw) for _ in range(n_copies(kw_bytes(kw)) - 1)]
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+            row = {"format": fmt, "shape": name, "m": m, "n": n, "k": k}
+            try:
+                err = rel_err(run(x, kw), ref(x, kw))
+                row["check_rel_err"] = err
+                if not err < 1e-2:
+                    raise AssertionError(f"kernel disagrees with its reference: rel err {err:.3g}")
+                row["qfx_us"] = graph_time_us([lambda c=c: run(x, c) for c in kws])
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                traceback.print_exc()
+            row["cublas_bf16_us"] = graph_time_us([lambda c=c: F.linear(x, c) for c in w_copies])
+            peers = {}
+            if fmt == "w4a16_g128" and ao is not None:
+                peers["torchao_int4_us"] = graph_time_us([lambda c=c: c(x) for c in ao_copies])
+            if fmt == "w8a8" and m > 16:  # torch._int_mm needs M > 16
+                xi = torch.randint(-127, 127, (m, k), device="cuda", dtype=torch.int8)
+                wis = [kk.data.T for kk in kws]
+                peers["int_mm_us"] = graph_time_us([lambda c=c: torch._int_mm(xi, c) for c in wis])
+            if fmt == "fp8":
+                x8 = x.to(torch.float8_e4m3fn)
+                sa = torch.rand(m, 1, device="cuda") + 0.5
+                peers["scaled_mm_fp8_rowwise_us"] = graph_time_us([
+                    lambda c=c: torch._scaled_mm(x8, c.data.T, sa, c.scale, out_dtype=torch.bfloat16) for c in kws])
+            row["peers"] = peers
+            moved = kw_bytes(kw) + m * k * 2 + m * n * 2
+            rate = roof["bf16" if "a16" in fmt else "fp8" if fmt == "fp8" else "int8"]
+            row["roofline_us"] = max(moved / roof["bandwidth"], 2 * m * n * k / rate) * 1e6
+            if "qfx_us" in row:
+                row["ratio"] = row["cublas_bf16_us"] / row["qfx_us"]
+                row["roofline_fraction"] = row["roofline_us"] / row["qfx_us"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    lines = [header, "",
+             "| format | shape | M | N | K | qfx µs | cuBLAS bf16 µs | ratio | peers µs | roofline µs | of roofline |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        peers = ", ".join(f"{k.removesuffix('_us')} {v:.1f}" for k, v in r.get("peers", {}).items()) or "-"
+        q = f"{r['qfx_us']:.1f}" if "qfx_us" in r else f"failed: {r.get('error', '')[:60]}"
+        ratio = f"{r['ratio']:.2f}×" if "ratio" in r else "-"
+        frac = f"{r['roofline_fraction']:.0%}" if "roofline_fraction" in r else "-"
+        lines.append(f"| {r['format']} | {r['shape']} | {r['m']} | {r['n']} | {r['k']} | {q} | "
+                     f"{r['cublas_bf16_us']:.1f} | {ratio} | {peers} | {r['roofline_us']:.1f} | {frac} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma list of " + ", ".join(SHAPES))
+    ap.add_argument("--m", default="1,16,64,256,2048")
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_kernels.py times CUDA kernels; no CUDA device here")
+    import triton
+
+    ms = [int(m) for m in args.m.split(",")]
+    formats = args.formats.split(",")
+    roof = ceilings()
+    print(json.dumps(roof), flush=True)
+    notes: set[str] = set()
+    rows = []
+    for name in args.shapes.split(","):
+        rows += bench_shape(name, *SHAPES[name], ms, formats, roof, notes)
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(),
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+                     "cuda": torch.version.cuda},
+        "command": "python " + " ".join(sys.argv),
+        "ceilings": {"copy_bandwidth_GBps": roof["bandwidth"] / 1e9,
+                     **{f"{k}_TFLOPs": v / 1e12 for k, v in roof.items() if k != "bandwidth"}},
+        "notes": sorted(notes),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernels.json").write_text(json.dumps([{**r, "device": meta["device"]} for r in rows], indent=1))
+    (out / "kernels_meta.json").write_text(json.dumps(meta, indent=1))
+    header = (f"# Kernel benchmark\n\n{meta['date']}, {meta['device']}, torch {torch.__version__}, triton "
+              f"{triton.__version__}, CUDA {torch.version.cuda}.\n\nCommand: `{meta['command']}`\n\n"
+              f"Ceilings measured in this run: copy {meta['ceilings']['copy_bandwidth_GBps']:.0f} GB/s, "
+              + ", ".join(f"{k.removesuffix('_TFLOPs')} {v:.0f} TFLOP/s" for k, v in meta["ceilings"].items()
+                          if k.endswith("TFLOPs"))
+              + ".\n\nratio = cuBLAS bf16 time / qfx time. qfx W8A8/FP8/W4A8 include per-token activation "
+              "quantization; int_mm and scaled_mm are the GEMM alone. Notes: " + "; ".join(sorted(notes)))
+    (out / "kernels.md").write_text(markdown(rows, header))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
