@@ -39,15 +39,18 @@ def round_to_e4m3_grid(v):
 
 
 @triton.jit
-def quantize_tile(a, inv_scale, FP8: tl.constexpr, EXACT_FP8_CAST: tl.constexpr):
-    """float32 tile (BM, BK) times 1/scale per row -> int8 codes or e4m3 values."""
-    v = a * inv_scale[:, None]
-    if FP8:
-        v = tl.minimum(tl.maximum(v, -448.0), 448.0)
-        if EXACT_FP8_CAST:
-            v = round_to_e4m3_grid(v)
-        return v.to(tl.float8e4nv)
-    v = (v + 12582912.0) - 12582912.0  # 1.5 * 2^23: rounds half to even, like torch.round
+def quantize_tile_fp8(a, inv_scale, EXACT_FP8_CAST: tl.constexpr):
+    """float32 tile (BM, BK) times 1/scale per row, saturated -> e4m3."""
+    v = tl.minimum(tl.maximum(a * inv_scale[:, None], -448.0), 448.0)
+    if EXACT_FP8_CAST:
+        v = round_to_e4m3_grid(v)
+    return v.to(tl.float8e4nv)
+
+
+@triton.jit
+def quantize_tile_int8(a, inv_scale):
+    """float32 tile (BM, BK) times 1/scale per row, rounded half to even and clamped -> int8."""
+    v = (a * inv_scale[:, None] + 12582912.0) - 12582912.0  # 1.5 * 2^23: rounds like torch.round
     return tl.minimum(tl.maximum(v, -128.0), 127.0).to(tl.int8)
 
 
@@ -66,7 +69,10 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, FP8: tl.constexpr, 
     tl.store(s_ptr + row + tl.arange(0, 1), scale)
     for k0 in range(0, K, BLOCK_K):
         a = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        q = quantize_tile(a[None, :], inv, FP8, EXACT_FP8_CAST)
+        if FP8:
+            q = quantize_tile_fp8(a[None, :], inv, EXACT_FP8_CAST)
+        else:
+            q = quantize_tile_int8(a[None, :], inv)
         tl.store(q_ptr + row * K + k0 + offs[None, :], q, mask=(k0 + offs < K)[None, :])
 
 
@@ -107,7 +113,10 @@ def _act_quant_gemm_kernel(
         mask_k = offs_k < K
         a = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if A_MODE != 2:
-            a = quantize_tile(a.to(tl.float32), inv_scale, FP8, EXACT_FP8_CAST)
+            if FP8:
+                a = quantize_tile_fp8(a.to(tl.float32), inv_scale, EXACT_FP8_CAST)
+            else:
+                a = quantize_tile_int8(a.to(tl.float32), inv_scale)
         if ROWS:
             w = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :],
                         other=0.0)

@@ -48,6 +48,13 @@ def load_packed_codes(w_ptr, offs_k, offs_n, mask_k, mask_n, N, CONTAINER: tl.co
 
 
 @triton.jit
+def codes_to_float(u):
+    """Unsigned int32 codes (< 2^23) to float32 without a conversion instruction (which runs at a
+    quarter of the FMA rate and bounded these kernels): 0x4B000000 | u is the float 2^23 + u."""
+    return (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
 def _wint_a16_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     M, N, K, GROUP, stride_xm, stride_ym, SPLIT_K,
@@ -73,7 +80,7 @@ def _wint_a16_kernel(
             w = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None],
                         mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
         else:
-            w = load_packed_codes(w_ptr, offs_k, offs_n, mask_k, mask_n, N, CONTAINER).to(tl.float32)
+            w = codes_to_float(load_packed_codes(w_ptr, offs_k, offs_n, mask_k, mask_n, N, CONTAINER))
             if HAS_ZERO:
                 w = w - tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0)[None, :]
             else:
@@ -122,7 +129,7 @@ def _wint_gemv_kernel(
             for j in tl.static_range(PER_WORD):
                 kk = kc + offs_r * PER_WORD + j
                 xj = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-                xu += xj[:, None] * ((words >> (j * CONTAINER)) & ((1 << CONTAINER) - 1)).to(tl.float32)
+                xu += xj[:, None] * codes_to_float((words >> (j * CONTAINER)) & ((1 << CONTAINER) - 1))
                 x_sum += xj
             g = tl.minimum(kc, K - 1) // GROUP  # a chunk past K adds 0 (x is 0 there) but must read in bounds
             s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0)
@@ -157,7 +164,7 @@ def _dequant_t_kernel(
         k = rows * PER_WORD + j
         mask = (k < K)[:, None] & mask_n[None, :]
         sz = (k // GROUP)[:, None] * N + offs_n[None, :]
-        w = ((words >> (j * CONTAINER)) & ((1 << CONTAINER) - 1)).to(tl.float32)
+        w = codes_to_float((words >> (j * CONTAINER)) & ((1 << CONTAINER) - 1))
         if HAS_ZERO:
             w = w - tl.load(z_ptr + sz, mask=mask, other=0.0)
         else:
