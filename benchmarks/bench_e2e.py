@@ -59,7 +59,8 @@ def decode_tokens_per_s(model, cfg, variant: str, batch: int, prompt: int, steps
             return model(input_ids=tok, past_key_values=cache, cache_position=pos).logits
 
         compiled = compile_step(model, variant)(step)
-        tok = ids[:, -1:].clone()
+        # the same strides as the argmax tokens fed back later: a stride change recompiles the step
+        tok = ids[:, -1:].clone(memory_format=torch.contiguous_format).as_strided((batch, 1), (1, 1))
         for i in range(3):  # compile, record the CUDA graph, replay once
             compiled(tok, torch.tensor([prompt + i], device="cuda"))
         torch.cuda.synchronize()
