@@ -9,7 +9,7 @@ from torch.fx import GraphModule
 
 from qfx.calibrate import calibrate
 from qfx.capture import capture, linear_nodes
-from qfx.config import ConfigError, Recipe
+from qfx.config import TRANSFORM_METHODS, ConfigError, Recipe
 from qfx.passes import counts
 from qfx.passes.annotate_linears import annotate_linears
 from qfx.passes.canonicalize_linears import canonicalize_linears
@@ -52,8 +52,14 @@ def needs_calibration(prepared: GraphModule) -> bool:
 
 def convert(prepared: GraphModule) -> GraphModule:
     """Replace planned linears with qfx ops holding packed weights (consumes observers)."""
-    if "recipe" not in prepared.meta.get("qfx", {}):
+    meta = prepared.meta.get("qfx", {})
+    if "recipe" not in meta:
         raise QuantizeError("convert() takes the GraphModule returned by qfx.prepare()")
+    recipe = Recipe.from_dict(meta["recipe"])
+    block_wise = [m for m in recipe.methods if m in TRANSFORM_METHODS or m == "gptaq"]
+    if block_wise and "solved" not in meta:
+        raise QuantizeError(f"{', '.join(block_wise)} calibrate block by block: run qfx.calibrate(prepared, batches) "
+                            "before convert (a plain loop over prepared(batch) is enough only for rtn and gptq)")
     return quantize_linears(prepared)
 
 
@@ -64,14 +70,18 @@ def quantize(
     example_inputs: tuple | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    device: torch.device | str | None = None,
+    offload: bool = False,
 ) -> GraphModule:
-    """One call: prepare, calibrate (when the recipe needs it), convert.
+    """One call: prepare, calibrate block by block (when the recipe needs it), convert.
 
-    calib: batches of token ids (B, S) (see `qfx.data.calibration_batches` for text).
+    calib: batches of token ids (B, S) (see `qfx.data.calibration_samples` for text).
+    device / offload: where calibration runs, and whether the model waits in CPU memory
+        while one block at a time is on `device` (see `qfx.calibrate`).
     """
     prepared = prepare(model, recipe, example_inputs, dtype=dtype)
     if needs_calibration(prepared):
         if calib is None:
             raise ConfigError("this recipe needs calibration data (static activation scales or GPTQ): pass calib=")
-        calibrate(prepared, calib, progress=progress)
+        calibrate(prepared, calib, progress=progress, device=device, offload=offload)
     return convert(prepared)

@@ -1,30 +1,264 @@
-"""Run calibration batches through a prepared graph so its observers collect statistics.
+"""The sequential calibration driver: block by block, each block fed the *quantized* outputs
+of the blocks before it.
 
-This version runs the whole graph per batch; the block-by-block driver (quantized outputs of
-block i feeding block i+1, one block on the device at a time) builds on it.
+For each stage of the prepared graph (prefix, decoder blocks, suffix; `qfx.stages`):
+
+1. transforms, in pipeline order: SmoothQuant or AWQ collect per-channel statistics over the
+   stage's inputs, then fold scales into the regions of the block (`qfx.regions`); AWQ then
+   clips the weights;
+2. weights: a pass with the Hessian (GPTQ, GPTAQ) and static-range observers on, then
+   `quantize_linears` on the stage, whose results are kept for `qfx.convert`;
+3. the rewritten (quantized) stage runs once more to give the next stage its inputs.
+
+Only the stage being worked on needs to be on `device`: with `offload=True` the model and
+the activations between stages stay in CPU memory. Deterministic for given batches.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import torch
 from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
+from qfx.algorithms import awq, smoothquant
+from qfx.capture import get_attr_tensor, set_attr_tensor
+from qfx.config import Recipe
+from qfx.observers import AsymmetricHessianObserver, ChannelStatsObserver, HessianObserver, RangeObserver
+from qfx.passes.annotate_linears import plans
+from qfx.passes.quantize_linears import quantize_linears
+from qfx.regions import Region, apply_scale, find_regions
+from qfx.stages import Stage, split_stages
 
-def calibrate(prepared: GraphModule, batches: Iterable[torch.Tensor], progress: bool = True) -> int:
-    """Feed each batch (token ids (B, S)) through `prepared`; returns the number of tokens seen."""
-    device = _device_of(prepared)
-    tokens = 0
-    with torch.no_grad():
-        for batch in tqdm(batches, desc="calibrate", unit="batch", disable=not progress):
-            batch = batch.to(device)
-            prepared(batch)
-            tokens += batch.numel()
+WEIGHT_OBSERVERS = (HessianObserver, RangeObserver)
+
+
+def calibrate(prepared: GraphModule, batches: Iterable[torch.Tensor], progress: bool = True,
+              device: torch.device | str | None = None, offload: bool = False) -> int:
+    """Calibrate and choose the quantized weights of `prepared` block by block.
+
+    batches: token ids (B, S) each. device: where each stage runs (default: the model's).
+    offload: keep the model and activations in CPU memory, moving one stage at a time.
+    Returns the number of calibration tokens. `qfx.convert(prepared)` then builds the model.
+    """
+    batches = list(batches)
+    tokens = sum(b.numel() for b in batches)
     if tokens == 0:
         raise ValueError("calibration got no batches; give at least one sample")
+    recipe = Recipe.from_dict(prepared.meta["qfx"]["recipe"])
+    device = torch.device(device) if device is not None else _device_of(prepared)
+    storage = torch.device("cpu") if offload else device
+    stages = split_stages(prepared)
+    regions = find_regions(prepared)
+    solved = prepared.meta["qfx"].setdefault("solved", {})
+    placeholder = next(n.name for n in prepared.graph.nodes if n.op == "placeholder")
+    stream = [{placeholder: b.to(storage)} for b in batches]
+    fp_stream = [dict(e) for e in stream] if recipe.weight_method == "gptaq" else None
+    last_use = _last_use(stages)
+    bar = tqdm(stages, desc="calibrate", unit="block", disable=not progress)
+    with torch.no_grad():
+        for i, stage in enumerate(bar):
+            bar.set_postfix_str(stage.name)
+            work = _StageRun(prepared, stage, recipe, device, storage)
+            if not work.planned and not any(last_use.get(n, -1) > i for n in stage.outputs):
+                continue  # e.g. the suffix when the head stays in full precision
+            if not work.planned:  # prefix: nothing to quantize, both streams alike
+                outs = work.run(stream, keep=True)
+                _store(stream, stage, outs, last_use, i)
+                if fp_stream is not None:
+                    _store(fp_stream, stage, work.run(fp_stream, keep=True), last_use, i)
+                continue
+            stage_regions = [r for r in regions if set(r.linears) <= work.linear_paths]
+            for method in recipe.methods:
+                if method == "smoothquant":
+                    work.smoothquant(stream, stage_regions)
+                elif method in ("awq", "awq+"):
+                    work.awq(stream, stage_regions, asymmetric_clip=method == "awq+")
+            fp_outs = work.weight_statistics(stream, fp_stream)
+            work.quantize(solved)
+            _store(stream, stage, work.run(stream, keep=True), last_use, i)
+            if fp_stream is not None:
+                _store(fp_stream, stage, fp_outs, last_use, i)
+            work.release()
     return tokens
+
+
+def _last_use(stages: list[Stage]) -> dict[str, int]:
+    last: dict[str, int] = {}
+    for i, s in enumerate(stages):
+        for name in s.inputs:
+            last[name] = i
+    return last
+
+
+def _store(stream: list[dict], stage: Stage, outs: list[tuple], last_use: dict[str, int], i: int) -> None:
+    """Add the stage's outputs to each batch's values; drop values no later stage reads."""
+    for env, out in zip(stream, outs):
+        env.update(zip(stage.outputs, out))
+        for name in [n for n in env if last_use.get(n, -1) <= i]:
+            del env[name]
+
+
+class _StageRun:
+    """One stage on the compute device: its planned linears, observers and passes over data."""
+
+    def __init__(self, gm: GraphModule, stage: Stage, recipe: Recipe, device: torch.device, storage: torch.device):
+        self.gm, self.stage, self.recipe, self.device, self.storage = gm, stage, recipe, device, storage
+        self.module = stage.module
+        self.module.meta["qfx"] = {"recipe": gm.meta["qfx"]["recipe"]}
+        self.planned = plans(self.module)
+        self.linear_paths = {p.path for _, p in self.planned}
+        for n in self.module.graph.nodes:  # a device copy of each tensor, on the stage only
+            if n.op == "get_attr":
+                t = get_attr_tensor(self.module, n.target)
+                if isinstance(t, torch.Tensor) and t.device != device:
+                    set_attr_tensor(self.module, n.target, t.to(device))
+        self.observers = {}
+        for n in self.module.graph.nodes:
+            if n.op == "call_module":
+                m = self.module.get_submodule(n.target)
+                if hasattr(m, "enabled"):
+                    self.observers[n.target] = m.to(device)
+        self._enable(())
+
+    # -- running ---------------------------------------------------------------------
+    def _enable(self, kinds: tuple[type, ...]) -> None:
+        for m in self.observers.values():
+            m.enabled = isinstance(m, kinds)
+
+    def _args(self, env: dict) -> list:
+        return [v.to(self.device) if isinstance(v, torch.Tensor) else v for v in (env[n] for n in self.stage.inputs)]
+
+    def run(self, stream: list[dict], keep: bool = False, limit: int | None = None) -> list[tuple]:
+        outs = []
+        for env in stream[:limit]:
+            out = self.module(*self._args(env))
+            if keep:
+                outs.append(tuple(o.to(self.storage) if isinstance(o, torch.Tensor) else o for o in out))
+        return outs
+
+    # -- transforms ------------------------------------------------------------------
+    def _channel_observer(self, path: str) -> ChannelStatsObserver:
+        return self.module.get_submodule(f"{path}.channel_observer")
+
+    def _plan(self, path: str):
+        return next(p for _, p in self.planned if p.path == path)
+
+    def _foldable(self, regions: list[Region], method: str) -> list[Region]:
+        out = []
+        for r in regions:
+            if r.fold is None:
+                warnings.warn(f"{method}: region {r.name} left as is: {r.reason}", stacklevel=4)
+            else:
+                out.append(r)
+        return out
+
+    def _collect_channels(self, stream, keep_limit: int | None = None) -> list[tuple]:
+        for m in self.observers.values():
+            if isinstance(m, ChannelStatsObserver):
+                m.abs_max.zero_(), m.abs_sum.zero_()
+                m.n_tokens, m.rows = 0, []
+        self._enable((ChannelStatsObserver,))
+        outs = []
+        for j, env in enumerate(stream):
+            out = self.module(*self._args(env))
+            if keep_limit is not None and j < keep_limit:
+                outs.append(out)
+        self._enable(())
+        return outs
+
+    def smoothquant(self, stream: list[dict], regions: list[Region]) -> None:
+        self._collect_channels(stream)
+        for r in self._foldable(regions, "smoothquant"):
+            obs = self._channel_observer(r.linears[0])
+            weights = [get_attr_tensor(self.module, t) for t in r.weights]
+            plan = self._plan(r.linears[0])
+            if self.recipe.smooth_alpha is None:
+                _, s = smoothquant.search_alpha(obs.abs_max, obs.sample(), weights, plan.weight, plan.act, r.tie)
+            else:
+                s = r.tie(smoothquant.smooth_scales(obs.abs_max, weights, self.recipe.smooth_alpha))
+            apply_scale([self.module, self.gm], r, s)
+
+    def awq(self, stream: list[dict], regions: list[Region], asymmetric_clip: bool) -> None:
+        n_search = self.recipe.search_samples
+        targets = self._collect_channels(stream, keep_limit=n_search)
+        applied: dict[str, torch.Tensor] = {}
+        for r in self._foldable(regions, "awq"):
+            mean = self._channel_observer(r.linears[0]).abs_mean()
+            touched = list(r.fold.targets) + list(r.weights)
+            saved = {t: get_attr_tensor(self.module, t) for t in touched}
+            specs = [self._plan(p).weight for p in r.linears]
+            best = None
+            for ratio in awq.scale_ratios():
+                s = r.tie(awq.awq_scale(mean, ratio))
+                apply_scale([self.module], r, s)
+                for t, spec in zip(r.weights, specs):
+                    w = get_attr_tensor(self.module, t)
+                    set_attr_tensor(self.module, t, smoothquant.fake_quantize_weight(w.float(), spec).to(w.dtype))
+                err = 0.0
+                for env, ref in zip(stream[:n_search], targets):
+                    out = self.module(*self._args(env))
+                    err += sum(float((a.float() - b.float()).pow(2).mean()) for a, b in zip(out, ref)
+                               if isinstance(a, torch.Tensor) and a.is_floating_point())
+                for t, v in saved.items():
+                    set_attr_tensor(self.module, t, v)
+                if best is None or err < best[0]:
+                    best = (err, s)
+            apply_scale([self.module, self.gm], r, best[1])
+            for p in r.linears:
+                applied[p] = best[1]
+        for _, plan in self.planned:  # clip search on the (scaled) weights and inputs
+            if plan.weight.dtype != "int":
+                continue
+            x = self._channel_observer(plan.path).sample().to(self.device)
+            if plan.path in applied:
+                x = x / applied[plan.path].to(x)
+            w = get_attr_tensor(self.module, plan.weight_target)
+            clipped = awq.clip_search(w, x, plan.weight, asymmetric=asymmetric_clip)
+            for m in (self.module, self.gm):
+                old = get_attr_tensor(m, plan.weight_target)
+                set_attr_tensor(m, plan.weight_target, clipped.to(device=old.device, dtype=old.dtype))
+
+    # -- weights ---------------------------------------------------------------------
+    def weight_statistics(self, stream: list[dict], fp_stream: list[dict] | None) -> list[tuple] | None:
+        """Run the Hessian / range observers; with GPTAQ, pair each batch with its
+        full-precision twin and return the full-precision outputs."""
+        if not any(isinstance(m, WEIGHT_OBSERVERS) for m in self.observers.values()):
+            return self.run(fp_stream, keep=True) if fp_stream is not None else None
+        self._enable(WEIGHT_OBSERVERS)
+        asym = [m for m in self.observers.values() if isinstance(m, AsymmetricHessianObserver)]
+        fp_outs = []
+        for j, env in enumerate(stream):
+            if fp_stream is not None:
+                for m in asym:
+                    m.mode = "fp"
+                out = self.module(*self._args(fp_stream[j]))
+                fp_outs.append(tuple(o.to(self.storage) if isinstance(o, torch.Tensor) else o for o in out))
+                for m in asym:
+                    m.mode = "q"
+            self.module(*self._args(env))
+        self._enable(())
+        return fp_outs if fp_stream is not None else None
+
+    def quantize(self, solved: dict) -> None:
+        """Rewrite the stage's linears to quantized ops; keep their tensors for convert."""
+        quantize_linears(self.module)
+        for _, plan in self.planned:
+            tensors = {}
+            for name in ("qweight", "w_scale", "w_zero", "a_scale"):
+                try:
+                    tensors[name] = get_attr_tensor(self.module, f"{plan.path}.{name}").to(self.storage)
+                except AttributeError:
+                    pass
+            solved[plan.path] = tensors
+
+    def release(self) -> None:
+        for m in self.observers.values():
+            if hasattr(m, "release"):
+                m.release()
+            m.to("cpu")
 
 
 def _device_of(gm: torch.nn.Module) -> torch.device:

@@ -13,8 +13,10 @@ module paths. A recipe string is a short form of the same thing:
 Tokens: `wN` weight bits (16 = not quantized), `gN` group size (0 or -1 = per channel),
 `sym`/`asym`, `aN` activation bits (16 = none), `a-static` static per-tensor activations,
 `clipR` weight clip ratio, `fp8`, `scale-model` (weight scales rounded to the model dtype), `kvN`,
-`dampX` and `act-order` / `no-act-order` (GPTQ options; act-order is the default), `rule:REGEX=SPEC` where SPEC is `skip`, `wN`,
-`wN.gM` or `aN` (several joined by `.`).
+`dampX` and `act-order` / `no-act-order` (GPTQ options; act-order is the default), `sinkX` (weight
+of each calibration window's first token in Hessians, default 16), `sq-alphaX` / `sq-alpha-search`
+(SmoothQuant), `gptaq-alphaX`, `searchN` (AWQ search samples), `rule:REGEX=SPEC` where SPEC is
+`skip`, `wN`, `wN.gM` or `aN` (several joined by `.`).
 """
 
 from __future__ import annotations
@@ -31,9 +33,15 @@ SCALE_DTYPES = ("float32", "model")
 METHODS: dict[str, str] = {
     "rtn": "round-to-nearest, no calibration needed for weights",
     "gptq": "GPTQ: Hessian-weighted error feedback over columns (needs calibration)",
+    "gptaq": "GPTAQ: GPTQ towards the full-precision model's outputs from the quantized model's inputs",
+    "smoothquant": "SmoothQuant: move activation outliers into weights by per-channel scales folded into the producer",
+    "awq": "AWQ: activation-aware per-channel scales found by grid search on the block output, then clip search",
+    "awq+": "AWQ+: AWQ scales, asymmetric clip search, then GPTQ",
 }
-# methods that choose the integer weights; the last one in a pipeline wins
-WEIGHT_METHODS = ("rtn", "gptq")
+# methods that choose the integer weights; the last one in a pipeline wins (awq+ ends in GPTQ)
+WEIGHT_METHODS = ("rtn", "gptq", "gptaq", "awq+")
+# equivalence transforms and weight edits run before the weights are chosen, in pipeline order
+TRANSFORM_METHODS = ("smoothquant", "awq", "awq+")
 
 
 class ConfigError(ValueError):
@@ -179,12 +187,20 @@ class Recipe:
     act_order: GPTQ visits columns by decreasing Hessian diagonal, with group ranges fixed up
         front so groups stay contiguous (on by default: without it, 3-bit GPTQ of SmolLM2 was
         worse than RTN in our measurements).
+    sink_weight: how many times each calibration window's first token counts in GPTQ/GPTAQ
+        Hessians (it is the attention sink every later token reads; see qfx.observers.hessian).
+    smooth_alpha: SmoothQuant migration strength (0.5 default; None searches 0.2..0.8 per region
+        on the quantized region's output error).
+    gptaq_alpha: weight of GPTAQ's correction towards the full-precision outputs (0 = GPTQ).
+    search_samples: calibration samples used by AWQ's scale search (the block is re-run once
+        per grid point and region on these).
     """
 
     @property
     def weight_method(self) -> str:
         """The method that chooses integer weights: the last of WEIGHT_METHODS in the pipeline."""
-        return next((m for m in reversed(self.methods) if m in WEIGHT_METHODS), "rtn")
+        m = next((m for m in reversed(self.methods) if m in WEIGHT_METHODS), "rtn")
+        return "gptq" if m == "awq+" else m
 
     methods: tuple[str, ...] = ("rtn",)
     weight: QuantSpec | None = field(default_factory=lambda: weight_spec(4, 128, True))
@@ -194,8 +210,21 @@ class Recipe:
     quantize_head: bool = False
     damp: float = 0.01
     act_order: bool = True
+    sink_weight: float = 16.0
+    smooth_alpha: float | None = 0.5
+    gptaq_alpha: float = 0.25
+    search_samples: int = 16
 
     def __post_init__(self) -> None:
+        if self.sink_weight < 1.0:
+            raise ConfigError(f"Recipe.sink_weight={self.sink_weight}: the first token's Hessian weight must be >= 1")
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ConfigError(f"Recipe.smooth_alpha={self.smooth_alpha}: SmoothQuant's migration strength is in [0, 1] "
+                              "(or None to search it)")
+        if not 0.0 <= self.gptaq_alpha <= 1.0:
+            raise ConfigError(f"Recipe.gptaq_alpha={self.gptaq_alpha}: must be in [0, 1]")
+        if self.search_samples < 1:
+            raise ConfigError(f"Recipe.search_samples={self.search_samples}: give at least 1")
         if not 0.0 < self.damp < 1.0:
             raise ConfigError(f"Recipe.damp={self.damp}: GPTQ damping is a fraction of the mean Hessian diagonal in (0, 1)")
         if not self.methods:
@@ -246,6 +275,10 @@ class Recipe:
             quantize_head=bool(d.get("quantize_head", False)),
             damp=float(d.get("damp", 0.01)),
             act_order=bool(d.get("act_order", True)),
+            sink_weight=float(d.get("sink_weight", 16.0)),
+            smooth_alpha=d.get("smooth_alpha", 0.5),
+            gptaq_alpha=float(d.get("gptaq_alpha", 0.25)),
+            search_samples=int(d.get("search_samples", 16)),
         )
 
     @staticmethod
@@ -263,6 +296,7 @@ class Recipe:
         rules: list[LayerRule] = []
         kv = None
         damp, act_order = 0.01, True
+        extra: dict = {}
         for tok in tokens:
             if m := re.fullmatch(r"w(\d+)", tok):
                 w_bits = int(m[1])
@@ -284,6 +318,14 @@ class Recipe:
                 damp = float(m[1])
             elif tok in ("act-order", "no-act-order"):
                 act_order = tok == "act-order"
+            elif m := re.fullmatch(r"sink(\d*\.?\d+)", tok):
+                extra["sink_weight"] = float(m[1])
+            elif m := re.fullmatch(r"sq-alpha(\d*\.?\d+|-search)", tok):
+                extra["smooth_alpha"] = None if m[1] == "-search" else float(m[1])
+            elif m := re.fullmatch(r"gptaq-alpha(\d*\.?\d+)", tok):
+                extra["gptaq_alpha"] = float(m[1])
+            elif m := re.fullmatch(r"search(\d+)", tok):
+                extra["search_samples"] = int(m[1])
             elif m := re.fullmatch(r"kv(\d+)", tok):
                 kv = int(m[1])
             elif tok.startswith("rule:"):
@@ -300,10 +342,11 @@ class Recipe:
         if kv is not None and kv != 16:
             kv_spec = QuantSpec(bits=kv, symmetric=False, granularity="token", group_size=None, dynamic=True)
         return Recipe(methods=methods, weight=weight, act=act, kv=kv_spec, rules=tuple(rules), damp=damp,
-                      act_order=act_order)
+                      act_order=act_order, **extra)
 
 
-_OPTION = re.compile(r"w\d+|g-?\d+|a\d+|a-static|sym|asym|fp8|scale-model|damp.*|act-order|no-act-order|kv\d+|clip.*|rule:.*")
+_OPTION = re.compile(r"w\d+|g-?\d+|a\d+|a-static|sym|asym|fp8|scale-model|damp.*|act-order|no-act-order|kv\d+|clip.*|"
+                     r"rule:.*|sink.*|sq-alpha.*|gptaq-alpha.*|search\d+")
 
 
 def _checked_weight(bits: int, group: int, sym: bool, clip: float, scale_dtype: str) -> QuantSpec:

@@ -1,6 +1,7 @@
 """Observers collect statistics during calibration and never change their input."""
 
-from qfx.observers.hessian import HessianObserver
+from qfx.observers.channel import ChannelStatsObserver
+from qfx.observers.hessian import AsymmetricHessianObserver, HessianObserver
 from qfx.observers.range import (
     OBSERVER_TYPES,
     MinMaxObserver,
@@ -12,6 +13,8 @@ from qfx.observers.range import (
 )
 
 __all__ = [
+    "AsymmetricHessianObserver",
+    "ChannelStatsObserver",
     "OBSERVER_TYPES",
     "HessianObserver",
     "MinMaxObserver",

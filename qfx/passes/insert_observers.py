@@ -2,7 +2,9 @@
 
 Requires: annotate_linears. Guarantees: each planned linear with a static (non-dynamic)
 activation spec reads its input through a range observer `<linear path>.input_observer`;
-when the recipe's weight method is GPTQ, also through a `<linear path>.hessian_observer`.
+when the recipe's weight method is GPTQ (GPTAQ), also through a `<linear path>.hessian_observer`
+(an asymmetric one); when the pipeline holds a scale search (SmoothQuant, AWQ), also through a
+`<linear path>.channel_observer`.
 Observers pass values through, so the graph computes the same function. RTN with dynamic or
 no activation quantization gets no observer.
 """
@@ -12,13 +14,14 @@ from __future__ import annotations
 from torch.fx import GraphModule
 
 from qfx.capture import get_attr_tensor
-from qfx.config import Recipe
-from qfx.observers import OBSERVER_TYPES, HessianObserver
+from qfx.config import TRANSFORM_METHODS, Recipe
+from qfx.observers import OBSERVER_TYPES, AsymmetricHessianObserver, ChannelStatsObserver, HessianObserver
 from qfx.passes import finish
 from qfx.passes.annotate_linears import plans
 
 OBSERVER_SUFFIX = "input_observer"
 HESSIAN_SUFFIX = "hessian_observer"
+CHANNEL_SUFFIX = "channel_observer"
 
 
 def insert_observers(gm: GraphModule, recipe: Recipe) -> GraphModule:
@@ -27,10 +30,14 @@ def insert_observers(gm: GraphModule, recipe: Recipe) -> GraphModule:
         if plan.act is not None and not plan.act.dynamic:
             _observe_input(gm, node, f"{plan.path}.{OBSERVER_SUFFIX}", OBSERVER_TYPES[plan.act.observer](name=plan.path))
             inserted += 1
-        if recipe.weight_method == "gptq" and plan.weight.dtype == "int":
-            device = get_attr_tensor(gm, plan.weight_target).device
-            hessian = HessianObserver(plan.in_features, name=plan.path, device=device)
+        device = get_attr_tensor(gm, plan.weight_target).device
+        if recipe.weight_method in ("gptq", "gptaq") and plan.weight.dtype == "int":
+            kind = AsymmetricHessianObserver if recipe.weight_method == "gptaq" else HessianObserver
+            hessian = kind(plan.in_features, name=plan.path, device=device, first_token_weight=recipe.sink_weight)
             _observe_input(gm, node, f"{plan.path}.{HESSIAN_SUFFIX}", hessian)
+            inserted += 1
+        if any(m in TRANSFORM_METHODS for m in recipe.methods):
+            _observe_input(gm, node, f"{plan.path}.{CHANNEL_SUFFIX}", ChannelStatsObserver(plan.in_features, plan.path))
             inserted += 1
     return finish(gm, "insert_observers", inserted)
 

@@ -1,7 +1,8 @@
 """Replace each planned aten.linear with qfx::quantized_linear over packed weights.
 
 Requires: annotate_linears (and calibrated observers: range observers for static
-activations, Hessian observers when the recipe's weight method is GPTQ).
+activations, Hessian observers when the recipe's weight method is GPTQ or GPTAQ), or tensors
+already chosen block by block by `qfx.calibrate` in `gm.meta["qfx"]["solved"][path]`.
 Guarantees: every LinearPlan'd linear becomes one `qfx.quantized_linear` call reading
 `<path>.qweight`, `<path>.w_scale`, optionally `<path>.w_zero` and `<path>.a_scale`
 buffers; the float weight is removed from the module when nothing else reads it; input
@@ -20,9 +21,10 @@ from torch.fx import GraphModule, Node
 
 from qfx import primitives as P
 from qfx.capture import get_attr_tensor, set_attr_tensor
+from qfx.algorithms.gptaq import asymmetric_target
 from qfx.algorithms.gptq import gptq_quantize
 from qfx.config import ConfigError, QuantSpec, Recipe
-from qfx.observers import HessianObserver, RangeObserver
+from qfx.observers import AsymmetricHessianObserver, ChannelStatsObserver, HessianObserver, RangeObserver
 from qfx.ops import NO_ACT_QUANT
 from qfx.passes import finish
 from qfx.passes.annotate_linears import LinearPlan, plans
@@ -84,9 +86,10 @@ def _observers_before(gm: GraphModule, x) -> tuple[object, dict[type, torch.nn.M
     nodes = []
     while isinstance(x, Node) and x.op == "call_module":
         module = gm.get_submodule(x.target)
-        if not isinstance(module, (RangeObserver, HessianObserver)):
+        kind = next((k for k in (RangeObserver, HessianObserver, ChannelStatsObserver) if isinstance(module, k)), None)
+        if kind is None:
             break
-        found[RangeObserver if isinstance(module, RangeObserver) else HessianObserver] = module
+        found[kind] = module
         nodes.append(x)
         x = x.args[0]
     return x, found, nodes
@@ -99,6 +102,8 @@ def _gptq_weight_tensors(w: torch.Tensor, spec: QuantSpec, hessian: HessianObser
         warnings.warn(f"{hessian.name}: GPTQ Hessian from {hessian.n_tokens} tokens for {w.shape[1]} inputs is "
                       "rank-deficient; damping keeps it solvable, but give more calibration tokens", stacklevel=3)
     group = spec.group_size if spec.granularity == "group" else None
+    if isinstance(hessian, AsymmetricHessianObserver):  # GPTAQ: GPTQ towards the full-precision outputs
+        w = asymmetric_target(w, hessian.hessian, hessian.delta_cross, recipe.damp, recipe.gptaq_alpha)
     codes, scale, zero = gptq_quantize(w, hessian.hessian, spec.bits, spec.symmetric, group, damp=recipe.damp,
                                        act_order=recipe.act_order, clip_ratio=spec.clip_ratio)
     if spec.scale_dtype == "model":  # keep the GPTQ codes; round scales as the spec asks
@@ -111,20 +116,25 @@ def _gptq_weight_tensors(w: torch.Tensor, spec: QuantSpec, hessian: HessianObser
 
 def quantize_linears(gm: GraphModule, allocate_only: bool = False) -> GraphModule:
     recipe = Recipe.from_dict(gm.meta["qfx"]["recipe"]) if "recipe" in gm.meta.get("qfx", {}) else None
+    solved = gm.meta.get("qfx", {}).get("solved", {})
     replaced = 0
     for node, plan in plans(gm):
         x, observers, observer_nodes = _observers_before(gm, node.args[0])
         bias = node.args[2] if len(node.args) > 2 else None
         weight = get_attr_tensor(gm, plan.weight_target)
         a_scale = None
-        if RangeObserver in observers and not allocate_only:
+        done = solved.pop(plan.path, None)
+        if RangeObserver in observers and not allocate_only and done is None:
             observer = observers[RangeObserver]
             lo, hi = observer.range()
             a_scale = observer.symmetric_scale(plan.act.bits) if plan.act.dtype == "int" else P.fp8_scale(
                 torch.maximum(-lo, hi))
         if plan.act is not None and not plan.act.dynamic and allocate_only:
             a_scale = torch.empty((), dtype=torch.float32)
-        if allocate_only:
+        if done is not None:  # chosen block by block during calibration
+            tensors = dict(done)
+            a_scale = tensors.pop("a_scale", None)
+        elif allocate_only:
             tensors = empty_weight_tensors(plan)
         elif HessianObserver in observers:
             tensors = _gptq_weight_tensors(weight, plan.weight, observers[HessianObserver], recipe)

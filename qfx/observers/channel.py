@@ -1,0 +1,51 @@
+"""Per-input-channel statistics for scale searches (SmoothQuant, AWQ), and a sample of rows.
+
+For x (..., K): abs max (K,), mean of |x| (K,), and up to `max_rows` rows drawn at fixed
+strides from each batch (for AWQ's clip search, which needs real inputs, not summaries).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qfx.observers.range import ObserverError
+
+
+class ChannelStatsObserver(torch.nn.Module):
+    def __init__(self, in_features: int, name: str = "", rows_per_batch: int = 64, max_rows: int = 2048) -> None:
+        super().__init__()
+        self.name = name
+        self.rows_per_batch = rows_per_batch
+        self.max_rows = max_rows
+        self.register_buffer("abs_max", torch.zeros(in_features))
+        self.register_buffer("abs_sum", torch.zeros(in_features, dtype=torch.float64))
+        self.n_tokens = 0
+        self.rows: list[torch.Tensor] = []
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        if not torch.isfinite(rows).all():
+            raise ObserverError(f"non-finite values (NaN/inf) in calibration activations at {self.name or '?'}")
+        a = rows.abs()
+        self.abs_max = torch.maximum(self.abs_max.to(a.device), a.amax(0))
+        self.abs_sum = self.abs_sum.to(a.device) + a.sum(0, dtype=torch.float64)
+        self.n_tokens += rows.shape[0]
+        if sum(r.shape[0] for r in self.rows) < self.max_rows:
+            stride = max(1, rows.shape[0] // self.rows_per_batch)
+            self.rows.append(rows[::stride][: self.rows_per_batch].clone())
+        return x
+
+    def abs_mean(self) -> torch.Tensor:
+        if self.n_tokens == 0:
+            raise ObserverError(f"observer at {self.name or '?'} saw no data; run calibration batches first")
+        return (self.abs_sum / self.n_tokens).float()
+
+    def sample(self) -> torch.Tensor:
+        """Sampled input rows (n, K) float32."""
+        return torch.cat(self.rows)[: self.max_rows]
+
+    def release(self) -> None:
+        self.rows = []
