@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model, optionally evaluate and save it")
     _add_common(q)
-    q.add_argument("--method", default="rtn", help="comma-separated pipeline, left to right: rtn, gptq")
+    q.add_argument("--method", default="rtn", help="comma-separated pipeline, left to right: rtn, gptq, gptaq, "
+                   "awq, awq+, smoothquant (e.g. smoothquant,gptq)")
     q.add_argument("--w-bits", type=int, default=4, help="weight bits, 2..8; 16 = not quantized")
     q.add_argument("--w-group", type=int, default=128, help="weight group size; 0 or -1 = per channel")
     sym = q.add_mutually_exclusive_group()
@@ -57,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ damping (fraction of the mean Hessian diagonal)")
     q.add_argument("--no-act-order", dest="act_order", action="store_false",
                    help="GPTQ: visit columns left to right (default: by decreasing Hessian diagonal)")
+    q.add_argument("--sink-weight", type=float, default=16.0,
+                   help="GPTQ/GPTAQ: weight of each calibration window's first token in the Hessian (1 = plain mean)")
+    q.add_argument("--sq-alpha", default="0.5", help="SmoothQuant migration strength in [0, 1], or 'search'")
+    q.add_argument("--gptaq-alpha", type=float, default=0.25, help="GPTAQ: weight of the correction towards "
+                   "the full-precision outputs (0 = GPTQ)")
+    q.add_argument("--search-samples", type=int, default=16, help="AWQ: calibration samples its scale search runs on")
+    q.add_argument("--offload", action="store_true", help="keep the model in CPU memory during calibration; "
+                   "only the block being calibrated goes to --device")
     q.add_argument("--recipe", default=None, help="a whole recipe string instead of the flags above")
     q.add_argument("--calib", default="wiki-summaries", help="calibration text source (used when the recipe needs it)")
     q.add_argument("--calib-samples", type=int, default=128, help="calibration samples of --seq-len tokens")
@@ -95,6 +104,14 @@ def recipe_string(a: argparse.Namespace) -> str:
         parts.append(f"damp{a.damp}")
     if not a.act_order:
         parts.append("no-act-order")
+    if a.sink_weight != 16.0:
+        parts.append(f"sink{a.sink_weight}")
+    if a.sq_alpha != "0.5":
+        parts.append("sq-alpha-search" if a.sq_alpha == "search" else f"sq-alpha{a.sq_alpha}")
+    if a.gptaq_alpha != 0.25:
+        parts.append(f"gptaq-alpha{a.gptaq_alpha}")
+    if a.search_samples != 16:
+        parts.append(f"search{a.search_samples}")
     if a.a_static:
         parts.append("a-static")
     parts += [f"rule:{r}" for r in a.rule]
@@ -137,20 +154,25 @@ def cmd_quantize(a: argparse.Namespace) -> dict:
     recipe = Recipe.parse(recipe_text)  # fail on a bad recipe before loading anything
     if a.output and Path(a.output).exists() and not a.overwrite:
         raise CheckpointError(f"--output {a.output} exists; pass --overwrite or choose another folder")
-    model, tokenizer = load_hf(a.model, DTYPES[a.dtype], a.device)
+    home = "cpu" if a.offload else a.device  # where the model lives until it is quantized
+    model, tokenizer = load_hf(a.model, DTYPES[a.dtype], home)
     windows = _windows(a, tokenizer)
     progress = not a.quiet
     ppl_fp = None
     if windows is not None and not a.no_fp_eval:
-        ppl_fp = perplexity(_LogitsOf(model), windows, a.batch_size, a.device, progress, "eval fp")
+        ppl_fp = perplexity(_LogitsOf(model), windows, a.batch_size, home, progress, "eval fp")
     t_quant = time.time()
     prepared = qfx.prepare(model, recipe)
-    calib_used = 0
+    calib_used, calib_seconds = 0, 0.0
     if qfx.needs_calibration(prepared):
         samples = calibration_samples(tokenize(read_text(a.calib), tokenizer), a.calib_samples, a.seq_len, a.seed)
-        qfx.calibrate(prepared, samples.split(1), progress=progress)
+        t_cal = time.time()
+        if a.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        qfx.calibrate(prepared, samples.split(1), progress=progress, device=a.device, offload=a.offload)
+        calib_seconds = time.time() - t_cal
         calib_used = int(samples.shape[0])
-    qmodel = qfx.convert(prepared)
+    qmodel = qfx.convert(prepared).to(a.device)
     quant_seconds = time.time() - t_quant
     ppl_q = perplexity(qmodel, windows, a.batch_size, a.device, progress, "eval quant") if windows is not None else None
     report_dir = None
@@ -176,6 +198,8 @@ def cmd_quantize(a: argparse.Namespace) -> dict:
         "calib_samples": calib_used,
         "quantized_linears": qfx.passes.counts(qmodel).get("quantize_linears", 0),
         "quantize_seconds": round(quant_seconds, 3),
+        "calib_seconds": round(calib_seconds, 3),
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if a.device.startswith("cuda") else None,
         "seconds": round(time.time() - start, 3),
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "checkpoint_bytes": checkpoint_bytes,

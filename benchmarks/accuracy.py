@@ -1,0 +1,148 @@
+"""Perplexity of SmolLM2-135M on WikiText-2 for each (method, setting) cell, qfx and llm-compressor.
+
+    python benchmarks/accuracy.py --grid cpu --device cpu --eval-windows 8 --calib-samples 16
+    python benchmarks/accuracy.py --grid full --device cuda            # 128 x 2048 calibration
+    ... --peer-python /path/to/venv/bin/python   # also run llm-compressor in that environment
+
+Each qfx cell is one `qfx quantize ... --json` process (so its peak memory is its own); each
+llm-compressor cell one `benchmarks/peer_llmcompressor.py` process on the same calibration
+samples and evaluation windows. Rows go to accuracy_smollm2[_<tag>].json (a list of rows:
+tool, method, setting, ppl, ppl_fp, eval_windows, calib_samples, calib_seconds, peak_mem_mb,
+device) and a Markdown table beside it, rewritten after every cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext2_test.txt"
+SETTINGS = {
+    "W4A16 g64 asym": ["--w-bits", "4", "--w-group", "64", "--w-asym"],
+    "W4A16 g64 sym": ["--w-bits", "4", "--w-group", "64", "--w-sym"],
+    "W3A16 g64 asym": ["--w-bits", "3", "--w-group", "64", "--w-asym"],
+    "W4A8 g64 sym": ["--w-bits", "4", "--w-group", "64", "--w-sym", "--a-bits", "8"],
+    "W8A8": ["--w-bits", "8", "--w-group", "0", "--a-bits", "8"],
+}
+WEIGHT_ONLY = ["rtn", "gptq", "gptaq", "awq", "awq+"]
+GRIDS = {
+    "full": [(m, s) for s in ("W4A16 g64 asym", "W4A16 g64 sym", "W3A16 g64 asym") for m in WEIGHT_ONLY]
+    + [(m, "W4A8 g64 sym") for m in ("rtn", "gptq", "gptaq", "smoothquant,gptq")]
+    + [(m, "W8A8") for m in ("rtn", "smoothquant", "smoothquant,gptq")],
+    "cpu": [(m, s) for s in ("W4A16 g64 asym", "W3A16 g64 asym") for m in WEIGHT_ONLY]
+    + [(m, "W4A8 g64 sym") for m in ("rtn", "gptq", "smoothquant,gptq")]
+    + [(m, "W8A8") for m in ("rtn", "smoothquant")],
+}
+# the llm-compressor recipe standing for each qfx method (see peer_llmcompressor.py)
+PEER_METHODS = {"rtn": "rtn", "gptq": "gptq", "awq": "awq", "smoothquant": "smoothquant",
+                "smoothquant,gptq": "smoothquant,gptq"}
+
+
+def _last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_qfx(method: str, setting: str, a, fp: bool) -> dict:
+    cmd = [sys.executable, "-m", "qfx.cli", "quantize", "--method", method, *SETTINGS[setting], *common_args(a),
+           "--search-samples", str(a.search_samples), "--json", "--quiet"]
+    if not fp:
+        cmd.append("--no-fp-eval")
+    r = _last_json(subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout)
+    peak = r["peak_gpu_mb"] if a.device.startswith("cuda") else r["peak_rss_mb"]
+    return {"tool": "qfx", "method": method, "setting": setting, "ppl": r["ppl_quant"], "ppl_fp": r["ppl_fp"],
+            "eval_windows": r["eval_windows"], "calib_samples": r["calib_samples"],
+            "calib_seconds": r["calib_seconds"], "peak_mem_mb": peak, "device": a.device}
+
+
+def run_peer(method: str, setting: str, a) -> dict:
+    cmd = [a.peer_python, str(ROOT / "benchmarks" / "peer_llmcompressor.py"), "--method", PEER_METHODS[method],
+           "--setting", setting, *common_args(a)]
+    r = _last_json(subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout)
+    return {"tool": "llm-compressor", "method": method, "setting": setting, **r, "device": a.device}
+
+
+def common_args(a) -> list[str]:
+    args = ["--model", "smollm2-135m", "--eval", str(WIKITEXT), "--seq-len", str(a.seq_len), "--device", a.device,
+            "--calib", "wiki-summaries", "--calib-samples", str(a.calib_samples)]
+    return args + (["--eval-windows", str(a.eval_windows)] if a.eval_windows else [])
+
+
+def write(rows: list[dict], a, header: dict) -> None:
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "accuracy_smollm2" + (f"_{a.tag}" if a.tag else "")
+    (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
+    (out / f"{stem}_meta.json").write_text(json.dumps(header, indent=1))
+    ppl_fp = next((r["ppl_fp"] for r in rows if r.get("ppl_fp")), None)
+    rtn = {r["setting"]: r["ppl"] for r in rows if r["tool"] == "qfx" and r["method"] == "rtn"}
+    lines = [f"# Accuracy grid, SmolLM2-135M ({a.device})", ""] + [f"- {k}: {v}" for k, v in header.items()]
+    lines += ["", f"Full precision: ppl {ppl_fp:.3f}" if ppl_fp else "", "",
+              "| setting | method | tool | ppl | share of RTN's gap closed | calib s | peak MB |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        gap = ""
+        if ppl_fp and r["setting"] in rtn and r["method"] != "rtn" and rtn[r["setting"]] > ppl_fp:
+            gap = f"{(rtn[r['setting']] - r['ppl']) / (rtn[r['setting']] - ppl_fp):.0%}"
+        lines.append(f"| {r['setting']} | {r['method']} | {r['tool']} | {r['ppl']:.3f} | {gap} | "
+                     f"{r['calib_seconds']:.0f} | {r['peak_mem_mb']:.0f} |")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--grid", choices=sorted(GRIDS), default="full")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--eval-windows", type=int, default=None, help="default: all 147 windows")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--search-samples", type=int, default=16, help="qfx AWQ: samples its scale search runs on")
+    p.add_argument("--peer-python", default=None, help="python of an environment with llmcompressor installed")
+    p.add_argument("--peer-only", action="store_true", help="run only the llm-compressor cells")
+    p.add_argument("--settings", default=None, help="comma-separated settings to run (default: the grid's)")
+    p.add_argument("--only", default=None, help="comma-separated methods to run (default: the whole grid)")
+    p.add_argument("--tag", default=None, help="suffix of the result files, e.g. cpu")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    a = p.parse_args()
+    import torch
+    import transformers
+
+    header = {
+        "date": datetime.date.today().isoformat(),
+        "command": "python benchmarks/accuracy.py " + " ".join(sys.argv[1:]),
+        "device": a.device,
+        "machine": torch.cuda.get_device_name() if a.device.startswith("cuda") else platform.machine(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "protocol": f"WikiText-2 test ({WIKITEXT.name}, rows joined by newlines), non-overlapping windows of "
+        f"{a.seq_len} tokens from the start ({a.eval_windows or 'all'} windows); model in bfloat16; head in "
+        f"bfloat16; calibration: {a.calib_samples} x {a.seq_len} tokens drawn with seed 0 from wiki-summaries "
+        "(Wikipedia lead sections, not the evaluation text); block-by-block calibration; qfx AWQ searches on "
+        f"{a.search_samples} samples; peak_mem_mb is the process's peak RSS on CPU, peak allocated GPU memory "
+        "during calibration on CUDA",
+    }
+    only = set(a.only.split(",")) if a.only else None
+    rows: list[dict] = []
+    for i, (method, setting) in enumerate(GRIDS[a.grid]):
+        if (only and method not in only) or (a.settings and setting not in a.settings.split(",")):
+            continue
+        if not a.peer_only:
+            row = run_qfx(method, setting, a, fp=not rows)
+            rows.append(row)
+            print(f"{setting:16s} {method:18s} qfx ppl {row['ppl']:.3f} calib {row['calib_seconds']:.0f}s", flush=True)
+            write(rows, a, header)
+        if a.peer_python and method in PEER_METHODS:
+            peer = run_peer(method, setting, a)
+            peer["ppl_fp"] = rows[0]["ppl_fp"] if rows else None
+            rows.append(peer)
+            print(f"{setting:16s} {method:18s} llm-compressor ppl {peer['ppl']:.3f}", flush=True)
+            write(rows, a, header)
+
+
+if __name__ == "__main__":
+    main()

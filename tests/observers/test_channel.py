@@ -1,0 +1,18 @@
+import torch
+
+from qfx.observers import ChannelStatsObserver
+
+
+def test_channel_stats_are_abs_max_and_abs_mean_over_tokens():
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 50, 6, generator=g) for _ in range(3)]
+    obs = ChannelStatsObserver(6, rows_per_batch=10)
+    for b in batches:
+        assert obs(b) is b
+    rows = torch.cat([b.reshape(-1, 6) for b in batches])
+    torch.testing.assert_close(obs.abs_max, rows.abs().amax(0))
+    torch.testing.assert_close(obs.abs_mean(), rows.abs().mean(0), rtol=1e-5, atol=1e-6)
+    sample = obs.sample()
+    assert sample.shape == (30, 6)
+    # every sampled row is a real input row
+    assert all((rows == r).all(1).any() for r in sample)
