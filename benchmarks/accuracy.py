@@ -94,6 +94,24 @@ def write(rows: list[dict], a, header: dict) -> None:
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
+def merge(a) -> None:
+    """One table from several runs of this script with the same protocol (their commands listed)."""
+    out = Path(a.out)
+    rows, commands, header = [], [], {}
+    for stem in a.merge:
+        rows += json.loads((out / f"{stem}.json").read_text())
+        meta = json.loads((out / f"{stem}_meta.json").read_text())
+        commands.append(meta["command"])
+        header = {**meta, **header}
+    ppl_fp = next(r["ppl_fp"] for r in rows if r.get("ppl_fp"))
+    for r in rows:
+        r["ppl_fp"] = ppl_fp  # every run evaluates the same windows; the first one measured FP
+    header["command"] = " ; ".join(commands)
+    order = {m: i for i, m in enumerate(dict.fromkeys(m for m, _ in GRIDS["full"]))}
+    rows.sort(key=lambda r: (list(SETTINGS).index(r["setting"]), order.get(r["method"], 99), r["tool"] != "qfx"))
+    write(rows, a, header)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--grid", choices=sorted(GRIDS), default="full")
@@ -108,7 +126,11 @@ def main() -> None:
     p.add_argument("--only", default=None, help="comma-separated methods to run (default: the whole grid)")
     p.add_argument("--tag", default=None, help="suffix of the result files, e.g. cpu")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--merge", nargs="+", default=None, metavar="STEM",
+                   help="combine earlier runs' result files (e.g. accuracy_smollm2_cpu) into one table")
     a = p.parse_args()
+    if a.merge:
+        return merge(a)
     import torch
     import transformers
 

@@ -71,17 +71,16 @@ def quantize(
     dtype: torch.dtype | None = None,
     progress: bool = True,
     device: torch.device | str | None = None,
-    offload: bool = False,
 ) -> GraphModule:
     """One call: prepare, calibrate block by block (when the recipe needs it), convert.
 
     calib: batches of token ids (B, S) (see `qfx.data.calibration_samples` for text).
-    device / offload: where calibration runs, and whether the model waits in CPU memory
-        while one block at a time is on `device` (see `qfx.calibrate`).
+    device: where calibration runs; a model in CPU memory is calibrated there one block at
+        a time (see `qfx.calibrate`).
     """
     prepared = prepare(model, recipe, example_inputs, dtype=dtype)
     if needs_calibration(prepared):
         if calib is None:
             raise ConfigError("this recipe needs calibration data (static activation scales or GPTQ): pass calib=")
-        calibrate(prepared, calib, progress=progress, device=device, offload=offload)
+        calibrate(prepared, calib, progress=progress, device=device)
     return convert(prepared)

@@ -10,8 +10,11 @@ For each stage of the prepared graph (prefix, decoder blocks, suffix; `qfx.stage
    `quantize_linears` on the stage, whose results are kept for `qfx.convert`;
 3. the rewritten (quantized) stage runs once more to give the next stage its inputs.
 
-Only the stage being worked on needs to be on `device`: with `offload=True` the model and
-the activations between stages stay in CPU memory. Deterministic for given batches.
+Only the stage being worked on needs to be on `device`: a model left in CPU memory stays
+there, each stage's weights are copied over while it is worked on, and its quantized weights
+go back to the model's memory; activations between stages (a few GB even for 70B-class
+models at 128 x 2048 tokens) stay on `device`.
+Deterministic for given batches.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
 from qfx.algorithms import awq, smoothquant
-from qfx.capture import get_attr_tensor, set_attr_tensor
+from qfx.capture import get_attr_tensor, retarget_devices, set_attr_tensor
 from qfx.config import Recipe
 from qfx.observers import AsymmetricHessianObserver, ChannelStatsObserver, HessianObserver, RangeObserver
 from qfx.passes.annotate_linears import plans
@@ -36,11 +39,11 @@ WEIGHT_OBSERVERS = (HessianObserver, RangeObserver)
 
 
 def calibrate(prepared: GraphModule, batches: Iterable[torch.Tensor], progress: bool = True,
-              device: torch.device | str | None = None, offload: bool = False) -> int:
+              device: torch.device | str | None = None) -> int:
     """Calibrate and choose the quantized weights of `prepared` block by block.
 
-    batches: token ids (B, S) each. device: where each stage runs (default: the model's).
-    offload: keep the model and activations in CPU memory, moving one stage at a time.
+    batches: token ids (B, S) each. device: where each stage runs (default: where the model is;
+        give "cuda" for a model in CPU memory to calibrate it one block at a time on the GPU).
     Returns the number of calibration tokens. `qfx.convert(prepared)` then builds the model.
     """
     batches = list(batches)
@@ -48,20 +51,20 @@ def calibrate(prepared: GraphModule, batches: Iterable[torch.Tensor], progress: 
     if tokens == 0:
         raise ValueError("calibration got no batches; give at least one sample")
     recipe = Recipe.from_dict(prepared.meta["qfx"]["recipe"])
-    device = torch.device(device) if device is not None else _device_of(prepared)
-    storage = torch.device("cpu") if offload else device
+    home = _device_of(prepared)
+    device = torch.device(device) if device is not None else home
     stages = split_stages(prepared)
     regions = find_regions(prepared)
     solved = prepared.meta["qfx"].setdefault("solved", {})
     placeholder = next(n.name for n in prepared.graph.nodes if n.op == "placeholder")
-    stream = [{placeholder: b.to(storage)} for b in batches]
+    stream = [{placeholder: b.to(device)} for b in batches]
     fp_stream = [dict(e) for e in stream] if recipe.weight_method == "gptaq" else None
     last_use = _last_use(stages)
     bar = tqdm(stages, desc="calibrate", unit="block", disable=not progress)
     with torch.no_grad():
         for i, stage in enumerate(bar):
             bar.set_postfix_str(stage.name)
-            work = _StageRun(prepared, stage, recipe, device, storage)
+            work = _StageRun(prepared, stage, recipe, device, home)
             if not work.planned and not any(last_use.get(n, -1) > i for n in stage.outputs):
                 continue  # e.g. the suffix when the head stays in full precision
             if not work.planned:  # prefix: nothing to quantize, both streams alike
@@ -104,11 +107,13 @@ def _store(stream: list[dict], stage: Stage, outs: list[tuple], last_use: dict[s
 class _StageRun:
     """One stage on the compute device: its planned linears, observers and passes over data."""
 
-    def __init__(self, gm: GraphModule, stage: Stage, recipe: Recipe, device: torch.device, storage: torch.device):
-        self.gm, self.stage, self.recipe, self.device, self.storage = gm, stage, recipe, device, storage
+    def __init__(self, gm: GraphModule, stage: Stage, recipe: Recipe, device: torch.device, home: torch.device):
+        self.gm, self.stage, self.recipe, self.device, self.home = gm, stage, recipe, device, home
         self.module = stage.module
         self.module.meta["qfx"] = {"recipe": gm.meta["qfx"]["recipe"]}
         self.planned = plans(self.module)
+        if device != home:
+            retarget_devices(self.module, device)
         self.linear_paths = {p.path for _, p in self.planned}
         for n in self.module.graph.nodes:  # a device copy of each tensor, on the stage only
             if n.op == "get_attr":
@@ -136,7 +141,7 @@ class _StageRun:
         for env in stream[:limit]:
             out = self.module(*self._args(env))
             if keep:
-                outs.append(tuple(o.to(self.storage) if isinstance(o, torch.Tensor) else o for o in out))
+                outs.append(tuple(out))
         return outs
 
     # -- transforms ------------------------------------------------------------------
@@ -235,7 +240,7 @@ class _StageRun:
                 for m in asym:
                     m.mode = "fp"
                 out = self.module(*self._args(fp_stream[j]))
-                fp_outs.append(tuple(o.to(self.storage) if isinstance(o, torch.Tensor) else o for o in out))
+                fp_outs.append(tuple(out))
                 for m in asym:
                     m.mode = "q"
             self.module(*self._args(env))
@@ -249,7 +254,7 @@ class _StageRun:
             tensors = {}
             for name in ("qweight", "w_scale", "w_zero", "a_scale"):
                 try:
-                    tensors[name] = get_attr_tensor(self.module, f"{plan.path}.{name}").to(self.storage)
+                    tensors[name] = get_attr_tensor(self.module, f"{plan.path}.{name}").to(self.home)
                 except AttributeError:
                     pass
             solved[plan.path] = tensors

@@ -8,6 +8,7 @@ as `get_attr` targets, and every op node keeps the module path it came from.
 
 from __future__ import annotations
 
+import copy
 import re
 import types
 from dataclasses import dataclass
@@ -227,3 +228,24 @@ def set_attr_tensor(root: torch.nn.Module, target: str, value: torch.Tensor) -> 
     if hasattr(owner, name) and name not in owner._buffers:
         delattr(owner, name)  # a plain attribute (e.g. a lifted constant): make it a buffer
     owner.register_buffer(name, value)
+
+
+def retarget_devices(gm: GraphModule, device: torch.device | str) -> GraphModule:
+    """Point the ops that create tensors (`arange(..., device=cpu)`, casts to a device) at
+    `device`, in `gm` and in the subgraphs of higher-order ops, which are copied first so that
+    graphs sharing them are unchanged. A graph captured on one device then runs on another
+    once its tensors are moved too (`gm.to(device)`)."""
+    device = torch.device(device)
+    for name, sub in list(gm.named_children()):
+        if isinstance(sub, GraphModule):
+            setattr(gm, name, retarget_devices(copy.deepcopy(sub), device))
+    from torch.fx.node import map_aggregate
+
+    def swap(a):
+        return device if isinstance(a, torch.device) else a
+
+    for n in gm.graph.nodes:  # device arguments, positional (aten.to.device) or keyword
+        n.args = map_aggregate(n.args, swap)
+        n.kwargs = map_aggregate(n.kwargs, swap)
+    gm.recompile()
+    return gm

@@ -169,10 +169,14 @@ def cmd_quantize(a: argparse.Namespace) -> dict:
         t_cal = time.time()
         if a.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        qfx.calibrate(prepared, samples.split(1), progress=progress, device=a.device, offload=a.offload)
+        qfx.calibrate(prepared, samples.split(1), progress=progress, device=a.device)
         calib_seconds = time.time() - t_cal
         calib_used = int(samples.shape[0])
-    qmodel = qfx.convert(prepared).to(a.device)
+    qmodel = qfx.convert(prepared)
+    if home != a.device:
+        from qfx.capture import retarget_devices
+
+        qmodel = retarget_devices(qmodel.to(a.device), a.device)
     quant_seconds = time.time() - t_quant
     ppl_q = perplexity(qmodel, windows, a.batch_size, a.device, progress, "eval quant") if windows is not None else None
     report_dir = None

@@ -72,10 +72,10 @@ def test_user_model_is_not_modified(recipe):
         assert torch.equal(v, before[k]), k
 
 
-def test_offload_and_reruns_give_identical_weights():
+def test_reruns_give_identical_weights():
     outs = []
-    for offload in (False, True, True):
-        q = qfx.quantize(_model(), "awq+ w4 g16 asym search1", calib=_calib(2), progress=False, offload=offload)
+    for _ in range(2):
+        q = qfx.quantize(_model(), "awq+ w4 g16 asym search1", calib=_calib(2), progress=False, device="cpu")
         outs.append({k: v for k, v in q.state_dict().items() if k.endswith(("qweight", "w_scale", "w_zero"))})
     assert outs[0].keys() == outs[1].keys() and len(outs[0]) > 0
     for other in outs[1:]:

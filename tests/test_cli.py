@@ -128,3 +128,18 @@ def test_gptq_method_from_the_command_line(capsys, tmp_path, tiny_hf_dir):
     assert code == 0, err
     result = json.loads(out.strip().splitlines()[-1])
     assert result["method"] == "gptq" and result["calib_samples"] == 4 and result["quantized_linears"] == 14
+
+
+@pytest.mark.parametrize("method", ["gptaq", "awq", "awq+", "smoothquant,gptq"])
+def test_each_block_wise_method_from_the_command_line(capsys, tmp_path, tiny_hf_dir, method):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("calibration text for the scales and second order statistics of every layer " * 300)
+    code, out, err = _run(capsys, "quantize", "--model", tiny_hf_dir, "--method", method, "--w-bits", 4,
+                          "--w-group", 32, "--a-bits", 8 if method.startswith("smooth") else 16,
+                          "--calib", calib, "--calib-samples", 2, "--search-samples", 1, "--seq-len", 64,
+                          "--eval", WIKITEXT, "--eval-windows", 1, "--device", "cpu", "--offload",
+                          "--json", "--quiet")
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["method"] == method and result["quantized_linears"] == 14
+    assert result["ppl_quant"] < 2 * result["ppl_fp"]

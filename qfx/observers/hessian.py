@@ -36,10 +36,16 @@ class HessianObserver(torch.nn.Module):
         super().__init__()
         self.name = name
         self.first_token_weight = float(first_token_weight)
-        self.register_buffer("hessian", torch.zeros(in_features, in_features, device=device))
+        # allocated on the first batch, where the batch is: only the block being calibrated holds one
+        self.in_features = in_features
+        self.register_buffer("hessian", torch.zeros(0, device=device))
         self.n_tokens = 0
         self.weight_sum = 0.0
         self.enabled = True
+
+    def _allocate(self, device: torch.device) -> None:
+        if self.hessian.numel() == 0:
+            self.hessian = torch.zeros(self.in_features, self.in_features, device=device)
 
     def _check(self, rows: torch.Tensor) -> None:
         if not torch.isfinite(rows).all():
@@ -54,7 +60,7 @@ class HessianObserver(torch.nn.Module):
             return x
         rows, w = _weighted_rows(x, self.first_token_weight)
         self._check(rows)
-        rows, w = rows.to(self.hessian.device), w.to(self.hessian.device)
+        self._allocate(rows.device)
         total = self.weight_sum + float(w.sum())
         self._accumulate(self.hessian, rows, rows, w, total)
         self.weight_sum = total
@@ -76,7 +82,7 @@ class AsymmetricHessianObserver(HessianObserver):
 
     def __init__(self, in_features: int, name: str = "", device=None, first_token_weight: float = 1.0) -> None:
         super().__init__(in_features, name, device, first_token_weight)
-        self.register_buffer("delta_cross", torch.zeros(in_features, in_features, device=device))
+        self.register_buffer("delta_cross", torch.zeros(0, device=device))
         self.mode = "q"
         self._fp_rows: torch.Tensor | None = None
 
@@ -93,8 +99,10 @@ class AsymmetricHessianObserver(HessianObserver):
         fp_rows, _ = _weighted_rows(self._fp_rows, self.first_token_weight)
         self._check(rows)
         self._check(fp_rows)
-        dev = self.hessian.device
-        rows, fp_rows, w = rows.to(dev), fp_rows.to(dev), w.to(dev)
+        self._allocate(rows.device)
+        if self.delta_cross.numel() == 0:
+            self.delta_cross = torch.zeros_like(self.hessian)
+        fp_rows = fp_rows.to(rows.device)
         total = self.weight_sum + float(w.sum())
         self._accumulate(self.hessian, rows, rows, w, total)
         self._accumulate(self.delta_cross, fp_rows - rows, rows, w, total)
