@@ -70,6 +70,7 @@ def main() -> None:
     from datasets import Dataset
     from llmcompressor import oneshot
 
+    from qfx.cli import _LogitsOf  # input_ids -> logits view of an HF model
     from qfx.data import calibration_samples, eval_windows, read_text, tokenize
     from qfx.eval import perplexity
     from qfx.models import load_hf
@@ -96,16 +97,8 @@ def main() -> None:
     peak = (torch.cuda.max_memory_allocated() / 2**20 if a.device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
 
-    class Logits(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, ids):
-            return self.m(input_ids=ids, use_cache=False).logits
-
     with torch.no_grad():
-        ppl = perplexity(Logits(model), windows, 1, a.device, False, "eval")
+        ppl = perplexity(_LogitsOf(model), windows, 1, a.device, False, "eval")
     print(json.dumps({"ppl": ppl, "eval_windows": int(windows.shape[0]), "calib_samples": int(samples.shape[0]),
                       "calib_seconds": round(calib_seconds, 3), "peak_mem_mb": round(peak, 1)}))
 
