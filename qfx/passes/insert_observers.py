@@ -3,7 +3,7 @@
 Requires: annotate_linears. Guarantees: each planned linear with a static (non-dynamic)
 activation spec reads its input through a range observer `<linear path>.input_observer`;
 when the recipe's weight method is GPTQ (GPTAQ), also through a `<linear path>.hessian_observer`
-(an asymmetric one); when the pipeline holds a scale search (SmoothQuant, AWQ), also through a
+(an asymmetric one), shared by the linears that read the same value with the same weight spec; when the pipeline holds a scale search (SmoothQuant, AWQ), also through a
 `<linear path>.channel_observer`.
 Observers pass values through, so the graph computes the same function. RTN with dynamic or
 no activation quantization gets no observer.
@@ -26,6 +26,9 @@ CHANNEL_SUFFIX = "channel_observer"
 
 def insert_observers(gm: GraphModule, recipe: Recipe) -> GraphModule:
     inserted = 0
+    # linears reading the same value with the same weight spec (q, k, v; gate, up) share one
+    # Hessian observer: one X^T X per input, and GPTQ solves them together (see quantize_linears)
+    shared_hessians: dict[tuple, object] = {}
     for node, plan in plans(gm):
         if plan.act is not None and not plan.act.dynamic:
             _observe_input(gm, node, f"{plan.path}.{OBSERVER_SUFFIX}", OBSERVER_TYPES[plan.act.observer](name=plan.path))
@@ -33,9 +36,13 @@ def insert_observers(gm: GraphModule, recipe: Recipe) -> GraphModule:
         device = get_attr_tensor(gm, plan.weight_target).device
         if recipe.weight_method in ("gptq", "gptaq") and plan.weight.dtype == "int":
             kind = AsymmetricHessianObserver if recipe.weight_method == "gptaq" else HessianObserver
-            hessian = kind(plan.in_features, name=plan.path, device=device, first_token_weight=recipe.sink_weight)
-            _observe_input(gm, node, f"{plan.path}.{HESSIAN_SUFFIX}", hessian)
-            inserted += 1
+            key = (node.args[0], plan.weight)
+            if key in shared_hessians:
+                node.replace_input_with(node.args[0], shared_hessians[key])
+            else:
+                hessian = kind(plan.in_features, name=plan.path, device=device, first_token_weight=recipe.sink_weight)
+                shared_hessians[key] = _observe_input(gm, node, f"{plan.path}.{HESSIAN_SUFFIX}", hessian)
+                inserted += 1
         if any(m in TRANSFORM_METHODS for m in recipe.methods):
             _observe_input(gm, node, f"{plan.path}.{CHANNEL_SUFFIX}", ChannelStatsObserver(plan.in_features, plan.path))
             inserted += 1
@@ -49,3 +56,4 @@ def _observe_input(gm: GraphModule, node, target: str, observer) -> None:
         obs = gm.graph.call_module(target, (x,))
     obs.meta = {k: v for k, v in x.meta.items() if k in ("val", "tensor_meta")}
     node.replace_input_with(x, obs)
+    return obs

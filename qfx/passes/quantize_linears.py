@@ -114,9 +114,33 @@ def _gptq_weight_tensors(w: torch.Tensor, spec: QuantSpec, hessian: HessianObser
     return out
 
 
+def _joint_gptq(gm: GraphModule, recipe: Recipe, solved: dict) -> dict[str, dict]:
+    """GPTQ tensors of every linear with a Hessian observer; linears sharing one observer (and
+    so one Hessian and weight spec) are solved as one stacked weight: GPTQ treats rows
+    independently given H, so the result is the same, with one column loop instead of several."""
+    groups: dict[int, list] = {}
+    for node, plan in plans(gm):
+        if plan.path in solved:
+            continue
+        _, observers, _ = _observers_before(gm, node.args[0])
+        if HessianObserver in observers:
+            groups.setdefault(id(observers[HessianObserver]), []).append((plan, observers[HessianObserver]))
+    out = {}
+    for members in groups.values():
+        plans_, hessian = [p for p, _ in members], members[0][1]
+        weights = [get_attr_tensor(gm, p.weight_target) for p in plans_]
+        tensors = _gptq_weight_tensors(torch.cat(weights), plans_[0].weight, hessian, recipe)
+        row = 0
+        for p in plans_:
+            out[p.path] = {k: v[row : row + p.out_features] for k, v in tensors.items()}
+            row += p.out_features
+    return out
+
+
 def quantize_linears(gm: GraphModule, allocate_only: bool = False) -> GraphModule:
     recipe = Recipe.from_dict(gm.meta["qfx"]["recipe"]) if "recipe" in gm.meta.get("qfx", {}) else None
     solved = gm.meta.get("qfx", {}).get("solved", {})
+    gptq = {} if allocate_only else _joint_gptq(gm, recipe, solved)
     replaced = 0
     for node, plan in plans(gm):
         x, observers, observer_nodes = _observers_before(gm, node.args[0])
@@ -136,8 +160,8 @@ def quantize_linears(gm: GraphModule, allocate_only: bool = False) -> GraphModul
             a_scale = tensors.pop("a_scale", None)
         elif allocate_only:
             tensors = empty_weight_tensors(plan)
-        elif HessianObserver in observers:
-            tensors = _gptq_weight_tensors(weight, plan.weight, observers[HessianObserver], recipe)
+        elif plan.path in gptq:
+            tensors = gptq[plan.path]
         else:
             tensors = quantize_weight_tensors(weight, plan.weight)
         if a_scale is not None:
