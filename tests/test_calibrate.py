@@ -111,3 +111,10 @@ def test_unfoldable_region_is_left_unsmoothed_with_a_warning():
         q = qfx.quantize(m, "smoothquant w8 g0 a8", calib=[x], example_inputs=(x,), progress=False)
     ref = m(x)
     assert (q(x) - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_folded_scales_save_and_reload_exactly(tmp_path):
+    q = qfx.quantize(_model(), "awq w4 g16 asym search1", calib=_calib(2), progress=False)
+    qfx.save(q, tmp_path / "q")
+    ids = _calib(1)[0]
+    assert torch.equal(qfx.load(tmp_path / "q")(ids), q(ids))
