@@ -14,7 +14,9 @@ from qfx.passes import counts
 from qfx.passes.annotate_linears import annotate_linears
 from qfx.passes.canonicalize_linears import canonicalize_linears
 from qfx.passes.insert_observers import insert_observers
+from qfx.passes.quantize_kv import quantize_kv_cache
 from qfx.passes.quantize_linears import quantize_linears
+from qfx.passes.rotate import rotate_for_recipe
 
 
 class QuantizeError(RuntimeError):
@@ -40,6 +42,8 @@ def prepare(
             f"{gm.meta.get('qfx', {}).get('source', {}).get('class', type(model).__name__)} has no linear layers "
             "with parameter weights; qfx quantizes linear / Conv1D projections"
         )
+    gm = rotate_for_recipe(gm, recipe)
+    gm = quantize_kv_cache(gm, recipe.kv)
     gm = annotate_linears(gm, recipe)
     gm = insert_observers(gm, recipe)
     gm.meta["qfx"]["recipe"] = recipe.to_dict()

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import sys
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model, optionally evaluate and save it")
     _add_common(q)
     q.add_argument("--method", default="rtn", help="comma-separated pipeline, left to right: rtn, gptq, gptaq, "
-                   "awq, awq+, smoothquant (e.g. smoothquant,gptq)")
+                   "awq, awq+, smoothquant, quarot (e.g. smoothquant,gptq or quarot,gptq)")
     q.add_argument("--w-bits", type=int, default=4, help="weight bits, 2..8; 16 = not quantized")
     q.add_argument("--w-group", type=int, default=128, help="weight group size; 0 or -1 = per channel")
     sym = q.add_mutually_exclusive_group()
@@ -64,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--gptaq-alpha", type=float, default=0.25, help="GPTAQ: weight of the correction towards "
                    "the full-precision outputs (0 = GPTQ)")
     q.add_argument("--search-samples", type=int, default=16, help="AWQ: calibration samples its scale search runs on")
+    q.add_argument("--kv-bits", type=int, default=16, help="KV-cache bits (asymmetric, per token and head); "
+                   "16 = not quantized")
+    q.add_argument("--kv-group", type=int, default=0, help="KV cache: group size along the head dim (0 = whole head)")
+    q.add_argument("--rotation-seed", type=int, default=0, help="quarot: seed of the random Hadamard rotations")
+    q.add_argument("--rotation-path", default=None, help="quarot: a safetensors file of rotations to use instead "
+                   "(R1, R2.<o_proj path>)")
     q.add_argument("--offload", action="store_true", help="keep the model in CPU memory during calibration; "
                    "only the block being calibrated goes to --device")
     q.add_argument("--recipe", default=None, help="a whole recipe string instead of the flags above")
@@ -114,6 +121,10 @@ def recipe_string(a: argparse.Namespace) -> str:
         parts.append(f"search{a.search_samples}")
     if a.a_static:
         parts.append("a-static")
+    if a.kv_bits != 16:
+        parts.append(f"kv{a.kv_bits}" + (f" kv-g{a.kv_group}" if a.kv_group else ""))
+    if a.rotation_seed:
+        parts.append(f"rot-seed{a.rotation_seed}")
     parts += [f"rule:{r}" for r in a.rule]
     return " ".join(parts)
 
@@ -152,6 +163,8 @@ def cmd_quantize(a: argparse.Namespace) -> dict:
     start = time.time()
     recipe_text = recipe_string(a)
     recipe = Recipe.parse(recipe_text)  # fail on a bad recipe before loading anything
+    if a.rotation_path:
+        recipe = dataclasses.replace(recipe, rotation_path=a.rotation_path)
     if a.output and Path(a.output).exists() and not a.overwrite:
         raise CheckpointError(f"--output {a.output} exists; pass --overwrite or choose another folder")
     home = "cpu" if a.offload else a.device  # where the model lives until it is quantized

@@ -12,7 +12,9 @@ module paths. A recipe string is a short form of the same thing:
 
 Tokens: `wN` weight bits (16 = not quantized), `gN` group size (0 or -1 = per channel),
 `sym`/`asym`, `aN` activation bits (16 = none), `a-static` static per-tensor activations,
-`clipR` weight clip ratio, `fp8`, `scale-model` (weight scales rounded to the model dtype), `kvN`,
+`clipR` weight clip ratio, `fp8`, `scale-model` (weight scales rounded to the model dtype), `kvN`
+(KV cache: asymmetric int N per token and head) and `kv-gN` (... in groups of N along the head dim),
+`rot-seedN` (seed of QuaRot's random Hadamard rotations),
 `dampX` and `act-order` / `no-act-order` (GPTQ options; act-order is the default), `sinkX` (weight
 of each calibration window's first token in Hessians, default 16), `sq-alphaX` / `sq-alpha-search`
 (SmoothQuant), `gptaq-alphaX`, `searchN` (AWQ search samples), `rule:REGEX=SPEC` where SPEC is
@@ -37,11 +39,15 @@ METHODS: dict[str, str] = {
     "smoothquant": "SmoothQuant: move activation outliers into weights by per-channel scales folded into the producer",
     "awq": "AWQ: activation-aware per-channel scales found by grid search on the block output, then clip search",
     "awq+": "AWQ+: AWQ scales, asymmetric clip search, then GPTQ",
+    "quarot": "QuaRot: random Hadamard rotations of the residual stream and heads folded into the weights, "
+              "online Hadamards before down_proj and on queries/keys (exact; for low-bit activations and KV cache)",
 }
 # methods that choose the integer weights; the last one in a pipeline wins (awq+ ends in GPTQ)
 WEIGHT_METHODS = ("rtn", "gptq", "gptaq", "awq+")
 # equivalence transforms and weight edits run before the weights are chosen, in pipeline order
 TRANSFORM_METHODS = ("smoothquant", "awq", "awq+")
+# whole-model rotations, applied when the graph is prepared, before anything is observed
+ROTATION_METHODS = ("quarot",)
 
 
 class ConfigError(ValueError):
@@ -181,7 +187,9 @@ class Recipe:
 
     weight: spec for linear weights (None: weights stay in full precision).
     act: spec for linear inputs (None: activations stay in full precision).
-    kv: spec for the KV cache (reserved for the KV-cache pass; not accepted yet).
+    kv: spec for the KV cache: keys (after rotation, with quarot) and values as attention reads
+        them back from an asymmetric int cache (granularity "token": one range per token and
+        head; "group": per group of `group_size` along the head dim).
     quantize_head: quantize the linear that produces the logits (off by default, as in the field).
     damp: GPTQ damping, as a fraction of the mean Hessian diagonal.
     act_order: GPTQ visits columns by decreasing Hessian diagonal, with group ranges fixed up
@@ -194,6 +202,9 @@ class Recipe:
     gptaq_alpha: weight of GPTAQ's correction towards the full-precision outputs (0 = GPTQ).
     search_samples: calibration samples used by AWQ's scale search (the block is re-run once
         per grid point and region on these).
+    rotation_seed: seed of the random-sign Hadamard rotations (quarot).
+    rotation_path: a safetensors file of rotations to use instead ({"R1": (D, D),
+        "R2.<o_proj path>": (head_dim, head_dim)}), e.g. learned ones.
     """
 
     @property
@@ -214,6 +225,8 @@ class Recipe:
     smooth_alpha: float | None = 0.5
     gptaq_alpha: float = 0.25
     search_samples: int = 16
+    rotation_seed: int = 0
+    rotation_path: str | None = None
 
     def __post_init__(self) -> None:
         if self.sink_weight < 1.0:
@@ -232,14 +245,18 @@ class Recipe:
         for m in self.methods:
             if m not in METHODS:
                 raise ConfigError(f"unknown method {m!r}: choose from {', '.join(sorted(METHODS))}")
-        if self.weight is None and self.act is None and not self.rules:
-            raise ConfigError("Recipe quantizes nothing: give a weight or activation spec")
+        if self.weight is None and self.act is None and self.kv is None and not self.rules:
+            raise ConfigError("Recipe quantizes nothing: give a weight, activation or KV-cache spec")
         if self.act is not None and not self.act.symmetric:
             raise ConfigError("Recipe.act: activation quantization is symmetric in qfx; drop asym")
         if self.act is not None and self.act.granularity not in ("token", "tensor"):
             raise ConfigError(f"Recipe.act: granularity {self.act.granularity!r}; use 'token' or 'tensor'")
-        if self.kv is not None:
-            raise ConfigError("Recipe.kv: KV-cache quantization is not available in this version")
+        if self.kv is not None and (self.kv.dtype != "int" or not self.kv.dynamic
+                                    or self.kv.granularity not in ("token", "group")):
+            raise ConfigError(f"Recipe.kv: {self.kv.short()}; the KV cache takes dynamic int quantization per token "
+                              "(granularity 'token') or per group along the head dim ('group')")
+        if self.rotation_path is not None and not any(m in ROTATION_METHODS for m in self.methods):
+            raise ConfigError("Recipe.rotation_path is given but no rotation method (quarot) is in the pipeline")
 
     def resolve(self, path: str, is_head: bool) -> tuple[QuantSpec | None, QuantSpec | None]:
         """(weight spec, act spec) for the linear at module path `path`."""
@@ -279,6 +296,8 @@ class Recipe:
             smooth_alpha=d.get("smooth_alpha", 0.5),
             gptaq_alpha=float(d.get("gptaq_alpha", 0.25)),
             search_samples=int(d.get("search_samples", 16)),
+            rotation_seed=int(d.get("rotation_seed", 0)),
+            rotation_path=d.get("rotation_path"),
         )
 
     @staticmethod
@@ -294,7 +313,7 @@ class Recipe:
         w_bits, group, sym, clip, scale_dtype = 4, 128, True, 1.0, "float32"
         a_bits, a_dynamic, fp8 = 16, True, False
         rules: list[LayerRule] = []
-        kv = None
+        kv, kv_group = None, 0
         damp, act_order = 0.01, True
         extra: dict = {}
         for tok in tokens:
@@ -328,6 +347,10 @@ class Recipe:
                 extra["search_samples"] = int(m[1])
             elif m := re.fullmatch(r"kv(\d+)", tok):
                 kv = int(m[1])
+            elif m := re.fullmatch(r"kv-g(\d+)", tok):
+                kv_group = int(m[1])
+            elif m := re.fullmatch(r"rot-seed(\d+)", tok):
+                extra["rotation_seed"] = int(m[1])
             elif tok.startswith("rule:"):
                 rules.append(_parse_rule(tok[5:]))
             else:
@@ -340,12 +363,13 @@ class Recipe:
             act = None if a_bits == 16 else act_spec(a_bits, a_dynamic, scale_dtype=scale_dtype)
         kv_spec = None
         if kv is not None and kv != 16:
-            kv_spec = QuantSpec(bits=kv, symmetric=False, granularity="token", group_size=None, dynamic=True)
+            kv_spec = QuantSpec(bits=kv, symmetric=False, granularity="group" if kv_group else "token",
+                                group_size=kv_group or None, dynamic=True)
         return Recipe(methods=methods, weight=weight, act=act, kv=kv_spec, rules=tuple(rules), damp=damp,
                       act_order=act_order, **extra)
 
 
-_OPTION = re.compile(r"w\d+|g-?\d+|a\d+|a-static|sym|asym|fp8|scale-model|damp.*|act-order|no-act-order|kv\d+|clip.*|"
+_OPTION = re.compile(r"w\d+|g-?\d+|a\d+|a-static|sym|asym|fp8|scale-model|damp.*|act-order|no-act-order|kv\d+|kv-g\d+|rot-seed\d+|clip.*|"
                      r"rule:.*|sink.*|sq-alpha.*|gptaq-alpha.*|search\d+")
 
 

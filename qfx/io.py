@@ -28,7 +28,9 @@ from qfx.capture import capture, get_attr_tensor, hf_dynamic_shapes, set_attr_te
 from qfx.config import Recipe
 from qfx.passes.annotate_linears import annotate_linears
 from qfx.passes.canonicalize_linears import canonicalize_linears
+from qfx.passes.quantize_kv import quantize_kv_cache
 from qfx.passes.quantize_linears import quantize_linears
+from qfx.passes.rotate import rotate_for_recipe
 
 FORMAT = "qfx"
 FORMAT_VERSION = 1
@@ -179,7 +181,10 @@ def rebuild(meta: dict, device: str | torch.device = "cpu") -> GraphModule:
     _restore_dtypes(model, source.get("tensor_dtypes", {}))
     gm = capture(model)
     gm = canonicalize_linears(gm)
-    gm = annotate_linears(gm, Recipe.from_dict(meta["recipe"]))
+    recipe = Recipe.from_dict(meta["recipe"])
+    gm = rotate_for_recipe(gm, recipe, compute=False)  # the graph structure only: tensors come from the file
+    gm = quantize_kv_cache(gm, recipe.kv)
+    gm = annotate_linears(gm, recipe)
     gm = quantize_linears(gm, allocate_only=True)
     gm.meta["qfx"]["recipe"] = meta["recipe"]
     return gm

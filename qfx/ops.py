@@ -74,3 +74,49 @@ def quantized_linear_ref(x, qweight, w_scale, w_zero, bias, w_bits, group_size, 
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+@torch.library.custom_op("qfx::hadamard", mutates_args=())
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """x @ H over the last dim: the online rotation of rotated graphs (QuaRot's R3 and R4).
+
+    x: (..., n). H (n x n) is the fixed orthogonal matrix of `qfx.algorithms.hadamard.
+    hadamard_transform` (normalised Hadamard, or Hadamard x a seeded orthogonal factor).
+    """
+    return hadamard_ref(x)
+
+
+@hadamard.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def hadamard_ref(x: torch.Tensor) -> torch.Tensor:
+    """Plain-PyTorch reference for `qfx::hadamard`."""
+    from qfx.algorithms.hadamard import hadamard_transform
+
+    return hadamard_transform(x)
+
+
+@torch.library.custom_op("qfx::quantize_kv", mutates_args=())
+def quantize_kv(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """The values a quantized KV cache gives back: asymmetric int `bits` per token and head,
+    in groups of `group_size` along the head dim (0: one group per head).
+
+    x: (B, H, S, head_dim) keys or values as attention reads them; returns x's shape and dtype.
+    """
+    return quantize_kv_ref(x, bits, group_size)
+
+
+@quantize_kv.register_fake
+def _(x, bits, group_size):
+    return torch.empty_like(x)
+
+
+def quantize_kv_ref(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Plain-PyTorch reference for `qfx::quantize_kv`."""
+    d = x.shape[-1]
+    xg = P.to_groups(x.float(), group_size or d)  # (..., G, g); zero padding never widens a range
+    scale, zero = P.choose_qparams(xg.amin(-1, keepdim=True), xg.amax(-1, keepdim=True), bits, False)
+    codes = P.quantize(xg, scale, zero, bits)
+    return P.from_groups(P.dequantize(codes, scale, zero, bits), d).to(x.dtype)

@@ -45,6 +45,7 @@ class Fold:
     targets: tuple[str, ...]  # get_attr targets: norm weight [, bias] or linear weight [, bias]
     offset: float = 0.0  # norm parameterised as (offset + w)
     rows: tuple[int, ...] | None = None  # kind "rows": producer row of each region channel
+    head_dim: int | None = None  # set when the region is attention's value path (v -> o)
 
 
 @dataclass(frozen=True)
@@ -117,11 +118,11 @@ def _linear_rows(n) -> tuple[Node, int] | None:
     return None
 
 
-def _linear_fold(gm: GraphModule, lin: Node, rows: list[int]) -> Fold:
+def _linear_fold(gm: GraphModule, lin: Node, rows: list[int], head_dim: int | None = None) -> Fold:
     targets = [lin.args[1].target]
     if len(lin.args) > 2 and isinstance(lin.args[2], Node):
         targets.append(lin.args[2].target)
-    return Fold("rows", tuple(targets), rows=tuple(rows))
+    return Fold("rows", tuple(targets), rows=tuple(rows), head_dim=head_dim)
 
 
 def _value_source(value: Node) -> Node:
@@ -156,7 +157,7 @@ def _attention_fold(gm: GraphModule, x: Node, k: int) -> tuple[Fold | None, str]
         return None, f"attention heads ({heads}) are not a multiple of the value heads ({kvh})"
     rep = heads // kvh
     rows = [offset + ((c // head_dim) // rep) * head_dim + c % head_dim for c in range(k)]
-    return _linear_fold(gm, lin, rows), ""
+    return _linear_fold(gm, lin, rows, head_dim), ""
 
 
 def _producer_fold(gm: GraphModule, x: Node, k: int, consumers: set[Node]) -> tuple[Fold | None, str]:

@@ -57,6 +57,11 @@ def source_of(gm: GraphModule) -> dict:
     source = gm.meta.get("qfx", {}).get("source", {})
     if source.get("kind") != "hf_causal_lm":
         raise ExportError("serving formats need a model captured from a Hugging Face causal LM")
+    online = sorted({str(n.target) for n in gm.graph.nodes
+                     if n.op == "call_function" and str(n.target).startswith(("qfx.hadamard", "qfx.quantize_kv"))})
+    if online:
+        raise ExportError(f"the graph computes {', '.join(online)} at run time, which the serving formats cannot "
+                          "express; save it with qfx.save or export it as a torch.export program (qfx.export)")
     return source
 
 
@@ -89,8 +94,8 @@ def dense_state(gm: GraphModule, layers: list[QuantizedLayer]) -> dict[str, torc
 def hf_config(gm: GraphModule, layers: list[QuantizedLayer], quantization_config: dict) -> dict:
     source = source_of(gm)
     config = copy.deepcopy(source["config"])
-    if any(layer.plan.is_head for layer in layers):
-        config["tie_word_embeddings"] = False  # the head is quantized; the embedding is not
+    if any(layer.plan.is_head for layer in layers) or gm.meta["qfx"].get("untied"):
+        config["tie_word_embeddings"] = False  # the head is quantized or rotated; the embedding is not
     config["quantization_config"] = quantization_config
     config["torch_dtype"] = source.get("dtype")
     return config

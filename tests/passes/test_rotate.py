@@ -1,0 +1,119 @@
+"""Norm folding and QuaRot rotations are exact rewrites of random-weight models of five
+families; bad rotations and non-rotatable models are refused."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import qfx
+from qfx.capture import capture
+from qfx.formats import ExportError
+from qfx.passes.fold_norms import RotationError, fold_norms
+from qfx.passes.rotate import rotate
+from tests.conftest import tiny_model
+
+FAMILIES = ["llama", "mistral", "qwen2", "gemma", "phi3"]
+HADAMARD = torch.ops.qfx.hadamard.default
+
+
+def _model(family, tie=False, **kw):
+    model = tiny_model(family, dtype=torch.float64, tie_word_embeddings=tie, **kw)
+    with torch.no_grad():  # norms start at exactly 1 (or 0 for Gemma): make them generic
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.rand_like(p) * 0.5)
+    return model
+
+
+def _logits(gm, ids):
+    out = gm(ids)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_norm_folding_is_exact_in_float64(family, tie, token_ids):
+    model = _model(family, tie)
+    ref = model(token_ids).logits
+    gm = fold_norms(capture(model))
+    # Gemma's norm multiplies by (1 + w) in float32 whatever the model dtype; the others in its dtype
+    assert _rel(_logits(gm, token_ids), ref) < (1e-6 if family == "gemma" else 1e-10)
+    assert gm.meta["qfx"]["counts"]["fold_norms"] == 2 * 2 + 1  # two per block and the final norm
+    norms = [t for n, t in gm.named_parameters() if "norm" in n]
+    offset = 1.0 if family == "gemma" else 0.0  # Gemma's norms are (1 + w)
+    assert all(torch.equal(t + offset, torch.ones_like(t)) for t in norms)
+    torch.testing.assert_close(model(token_ids).logits, ref, rtol=0, atol=0)  # the model keeps its weights
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quarot_rotations_are_exact_in_float64(family, tie, token_ids):
+    model = _model(family, tie)
+    ref = model(token_ids).logits
+    gm = rotate(capture(model), seed=1)
+    # HF's RMSNorm computes in float32 whatever the model dtype, so float64 agreement stops near 1e-7
+    assert _rel(_logits(gm, token_ids), ref) < 1e-6
+    online = [n for n in gm.graph.nodes if n.target is HADAMARD]
+    assert len(online) == 2 * 3  # per block: before down_proj, on queries and on keys
+    assert torch.equal(model(token_ids).logits, ref)
+    if tie:  # the embedding and the head now hold different tensors
+        emb = gm.get_submodule("model.embed_tokens").weight
+        assert not torch.equal(emb, gm.get_submodule("lm_head").weight)
+
+
+def test_rotated_weights_are_really_rotated(token_ids):
+    model = _model("llama")
+    gm = rotate(capture(model), seed=0)
+    e0, e1 = model.model.embed_tokens.weight, gm.get_submodule("model.embed_tokens").weight
+    assert _rel(e1, e0) > 0.1
+    torch.testing.assert_close(e1.norm(dim=1), e0.norm(dim=1))  # rows rotated, lengths kept
+
+
+def test_given_rotations_are_used_and_checked(tmp_path, token_ids):
+    model = _model("llama")
+    ref = model(token_ids).logits
+    heads = [f"R2.model.layers.{i}.self_attn.o_proj" for i in range(2)]
+    q, _ = torch.linalg.qr(torch.randn(64, 64, dtype=torch.float64))
+    rotations = {"R1": q, **{k: torch.eye(16, dtype=torch.float64) for k in heads}}
+    gm = rotate(capture(model), rotations=rotations)
+    assert _rel(_logits(gm, token_ids), ref) < 1e-6
+    torch.testing.assert_close(gm.get_submodule("model.embed_tokens").weight, model.model.embed_tokens.weight @ q)
+
+    with pytest.raises(RotationError, match=r"R1 is \(32, 32\); this model needs \(64, 64\)"):
+        rotate(capture(model), rotations={"R1": torch.eye(32)})
+    with pytest.raises(RotationError, match="not orthogonal"):
+        rotate(capture(model), rotations={"R1": torch.ones(64, 64)})
+    with pytest.raises(RotationError, match="parts this model does not have"):
+        rotate(capture(model), rotations={"R2.model.layers.7.self_attn.o_proj": torch.eye(16)})
+
+    path = tmp_path / "rot.safetensors"
+    save_file({k: v.contiguous() for k, v in rotations.items()}, str(path))
+    r = replace(qfx.Recipe.parse("quarot w8 g-1"), rotation_path=str(path))
+    prepared = qfx.prepare(model, r)
+    torch.testing.assert_close(prepared.get_submodule("model.embed_tokens").weight,
+                               model.model.embed_tokens.weight @ q)
+    with pytest.raises(RotationError, match="does not exist"):
+        qfx.prepare(model, replace(r, rotation_path=str(tmp_path / "missing.safetensors")))
+
+
+def test_layernorm_models_are_refused_naming_the_norm():
+    with pytest.raises(RotationError, match="self_attn_layer_norm: LayerNorm subtracts each token's mean"):
+        rotate(capture(tiny_model("opt")))
+
+
+def test_quarot_w4a4_saves_reloads_exactly_and_refuses_serving_export(tmp_path, token_ids):
+    model = tiny_model("llama", tie_word_embeddings=True)
+    qmodel = qfx.quantize(model, "quarot w4 g-1 a4 kv4", progress=False)
+    counts = qmodel.meta["qfx"]["counts"]
+    assert counts["rotate"] > 0 and counts["quantize_kv_cache"] == 4 and counts["quantize_linears"] == 14
+    out = _logits(qmodel, token_ids)
+    qfx.save(qmodel, tmp_path / "q")
+    assert torch.equal(_logits(qfx.load(tmp_path / "q"), token_ids), out)
+    with pytest.raises(ExportError, match="qfx.hadamard"):
+        qfx.export(qmodel, tmp_path / "ct", format="compressed-tensors")
