@@ -1,6 +1,7 @@
 """qfx: post-training quantization of causal language models as torch.fx graph passes."""
 
 from qfx import ops as _ops  # noqa: F401  (registers the qfx:: custom ops)
+from qfx.algorithms.spinquant import learn_rotations
 from qfx.api import QuantizeError, convert, needs_calibration, prepare, quantize
 from qfx.calibrate import calibrate
 from qfx.capture import CaptureError, capture, decoder_blocks
@@ -22,6 +23,7 @@ __all__ = [
     "decoder_blocks",
     "export",
     "load",
+    "learn_rotations",
     "load_exported",
     "needs_calibration",
     "prepare",

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch.fx import GraphModule
 
+from qfx.algorithms.spinquant import learn_rotations
 from qfx.calibrate import calibrate
 from qfx.capture import capture, linear_nodes
 from qfx.config import TRANSFORM_METHODS, ConfigError, Recipe
@@ -28,9 +29,12 @@ def prepare(
     recipe: Recipe | str,
     example_inputs: tuple | None = None,
     dtype: torch.dtype | None = None,
+    rotations: dict[str, torch.Tensor] | None = None,
 ) -> GraphModule:
     """Capture `model` (unless it is a GraphModule already) and insert the recipe's observers.
 
+    rotations: for quarot / spinquant, {"R1": ..., "R2.<o_proj path>": ...} to fold instead of
+        random Hadamard ones (e.g. from `learn_rotations`).
     Returns a GraphModule computing the same function; run calibration batches through it
     (only needed when `needs_calibration(prepared)`), then `convert` it.
     """
@@ -42,7 +46,7 @@ def prepare(
             f"{gm.meta.get('qfx', {}).get('source', {}).get('class', type(model).__name__)} has no linear layers "
             "with parameter weights; qfx quantizes linear / Conv1D projections"
         )
-    gm = rotate_for_recipe(gm, recipe)
+    gm = rotate_for_recipe(gm, recipe, rotations=rotations)
     gm = quantize_kv_cache(gm, recipe.kv)
     gm = annotate_linears(gm, recipe)
     gm = insert_observers(gm, recipe)
@@ -82,7 +86,15 @@ def quantize(
     device: where calibration runs; a model in CPU memory is calibrated there one block at
         a time (see `qfx.calibrate`).
     """
-    prepared = prepare(model, recipe, example_inputs, dtype=dtype)
+    recipe = Recipe.parse(recipe) if isinstance(recipe, str) else recipe
+    calib = None if calib is None else list(calib)
+    rotations = None
+    if "spinquant" in recipe.methods and recipe.rotation_path is None:
+        if not calib:
+            raise ConfigError("spinquant learns its rotations from calibration data: pass calib=")
+        model = model.to(dtype) if dtype is not None else model
+        rotations = learn_rotations(model, recipe, calib, recipe.spin_steps, recipe.spin_lr, progress)
+    prepared = prepare(model, recipe, example_inputs, dtype=dtype, rotations=rotations)
     if needs_calibration(prepared):
         if calib is None:
             raise ConfigError("this recipe needs calibration data (static activation scales or GPTQ): pass calib=")

@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--rotation-seed", type=int, default=0, help="quarot: seed of the random Hadamard rotations")
     q.add_argument("--rotation-path", default=None, help="quarot: a safetensors file of rotations to use instead "
                    "(R1, R2.<o_proj path>)")
+    q.add_argument("--rotation-out", default=None, help="spinquant: write the learned rotations to this "
+                   "safetensors file (reuse them with --rotation-path)")
+    q.add_argument("--spin-steps", type=int, default=100, help="spinquant: Cayley SGD steps (one calibration "
+                   "sample each)")
+    q.add_argument("--spin-lr", type=float, default=1.5, help="spinquant: Cayley SGD step size")
     q.add_argument("--offload", action="store_true", help="keep the model in CPU memory during calibration; "
                    "only the block being calibrated goes to --device")
     q.add_argument("--recipe", default=None, help="a whole recipe string instead of the flags above")
@@ -125,6 +130,10 @@ def recipe_string(a: argparse.Namespace) -> str:
         parts.append(f"kv{a.kv_bits}" + (f" kv-g{a.kv_group}" if a.kv_group else ""))
     if a.rotation_seed:
         parts.append(f"rot-seed{a.rotation_seed}")
+    if a.spin_steps != 100:
+        parts.append(f"spin-steps{a.spin_steps}")
+    if a.spin_lr != 1.5:
+        parts.append(f"spin-lr{a.spin_lr}")
     parts += [f"rule:{r}" for r in a.rule]
     return " ".join(parts)
 
@@ -175,15 +184,26 @@ def cmd_quantize(a: argparse.Namespace) -> dict:
     if windows is not None and not a.no_fp_eval:
         ppl_fp = perplexity(_LogitsOf(model), windows, a.batch_size, home, progress, "eval fp")
     t_quant = time.time()
-    prepared = qfx.prepare(model, recipe)
-    calib_used, calib_seconds = 0, 0.0
-    if qfx.needs_calibration(prepared):
+    calib_used, calib_seconds, rotations, samples = 0, 0.0, None, None
+    if "spinquant" in recipe.methods and not recipe.rotation_path:
         samples = calibration_samples(tokenize(read_text(a.calib), tokenizer), a.calib_samples, a.seq_len, a.seed)
+        t_cal = time.time()
+        rotations = qfx.learn_rotations(model, recipe, samples.split(1), recipe.spin_steps, recipe.spin_lr, progress)
+        calib_seconds, calib_used = time.time() - t_cal, int(samples.shape[0])
+        if a.rotation_out:
+            from qfx.passes.rotate import save_rotations
+
+            save_rotations(rotations, a.rotation_out)
+    prepared = qfx.prepare(model, recipe, rotations=rotations)
+    if qfx.needs_calibration(prepared):
+        if samples is None:
+            samples = calibration_samples(tokenize(read_text(a.calib), tokenizer), a.calib_samples, a.seq_len,
+                                          a.seed)
         t_cal = time.time()
         if a.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         qfx.calibrate(prepared, samples.split(1), progress=progress, device=a.device)
-        calib_seconds = time.time() - t_cal
+        calib_seconds += time.time() - t_cal
         calib_used = int(samples.shape[0])
     qmodel = qfx.convert(prepared)
     if home != a.device:

@@ -14,7 +14,7 @@ Tokens: `wN` weight bits (16 = not quantized), `gN` group size (0 or -1 = per ch
 `sym`/`asym`, `aN` activation bits (16 = none), `a-static` static per-tensor activations,
 `clipR` weight clip ratio, `fp8`, `scale-model` (weight scales rounded to the model dtype), `kvN`
 (KV cache: asymmetric int N per token and head) and `kv-gN` (... in groups of N along the head dim),
-`rot-seedN` (seed of QuaRot's random Hadamard rotations),
+`rot-seedN` (seed of QuaRot's random Hadamard rotations), `spin-stepsN` and `spin-lrX` (SpinQuant),
 `dampX` and `act-order` / `no-act-order` (GPTQ options; act-order is the default), `sinkX` (weight
 of each calibration window's first token in Hessians, default 16), `sq-alphaX` / `sq-alpha-search`
 (SmoothQuant), `gptaq-alphaX`, `searchN` (AWQ search samples), `rule:REGEX=SPEC` where SPEC is
@@ -41,13 +41,15 @@ METHODS: dict[str, str] = {
     "awq+": "AWQ+: AWQ scales, asymmetric clip search, then GPTQ",
     "quarot": "QuaRot: random Hadamard rotations of the residual stream and heads folded into the weights, "
               "online Hadamards before down_proj and on queries/keys (exact; for low-bit activations and KV cache)",
+    "spinquant": "SpinQuant: QuaRot's rotations, with R1 and R2 learned by Cayley SGD on the quantized model's "
+                 "loss over the calibration data",
 }
 # methods that choose the integer weights; the last one in a pipeline wins (awq+ ends in GPTQ)
 WEIGHT_METHODS = ("rtn", "gptq", "gptaq", "awq+")
 # equivalence transforms and weight edits run before the weights are chosen, in pipeline order
 TRANSFORM_METHODS = ("smoothquant", "awq", "awq+")
 # whole-model rotations, applied when the graph is prepared, before anything is observed
-ROTATION_METHODS = ("quarot",)
+ROTATION_METHODS = ("quarot", "spinquant")
 
 
 class ConfigError(ValueError):
@@ -205,6 +207,8 @@ class Recipe:
     rotation_seed: seed of the random-sign Hadamard rotations (quarot).
     rotation_path: a safetensors file of rotations to use instead ({"R1": (D, D),
         "R2.<o_proj path>": (head_dim, head_dim)}), e.g. learned ones.
+    spin_steps, spin_lr: SpinQuant's Cayley SGD steps (one calibration sample each, cycled)
+        and step size.
     """
 
     @property
@@ -227,6 +231,8 @@ class Recipe:
     search_samples: int = 16
     rotation_seed: int = 0
     rotation_path: str | None = None
+    spin_steps: int = 100
+    spin_lr: float = 1.5
 
     def __post_init__(self) -> None:
         if self.sink_weight < 1.0:
@@ -256,7 +262,12 @@ class Recipe:
             raise ConfigError(f"Recipe.kv: {self.kv.short()}; the KV cache takes dynamic int quantization per token "
                               "(granularity 'token') or per group along the head dim ('group')")
         if self.rotation_path is not None and not any(m in ROTATION_METHODS for m in self.methods):
-            raise ConfigError("Recipe.rotation_path is given but no rotation method (quarot) is in the pipeline")
+            raise ConfigError("Recipe.rotation_path is given but no rotation method (quarot, spinquant) is in "
+                              "the pipeline")
+        if sum(m in ROTATION_METHODS for m in self.methods) > 1:
+            raise ConfigError(f"Recipe.methods {self.methods}: give one rotation method (quarot or spinquant)")
+        if self.spin_steps < 1 or not self.spin_lr > 0:
+            raise ConfigError(f"Recipe: spin_steps={self.spin_steps} must be >= 1 and spin_lr={self.spin_lr} > 0")
 
     def resolve(self, path: str, is_head: bool) -> tuple[QuantSpec | None, QuantSpec | None]:
         """(weight spec, act spec) for the linear at module path `path`."""
@@ -298,6 +309,8 @@ class Recipe:
             search_samples=int(d.get("search_samples", 16)),
             rotation_seed=int(d.get("rotation_seed", 0)),
             rotation_path=d.get("rotation_path"),
+            spin_steps=int(d.get("spin_steps", 100)),
+            spin_lr=float(d.get("spin_lr", 1.5)),
         )
 
     @staticmethod
@@ -351,6 +364,10 @@ class Recipe:
                 kv_group = int(m[1])
             elif m := re.fullmatch(r"rot-seed(\d+)", tok):
                 extra["rotation_seed"] = int(m[1])
+            elif m := re.fullmatch(r"spin-steps(\d+)", tok):
+                extra["spin_steps"] = int(m[1])
+            elif m := re.fullmatch(r"spin-lr(\d*\.?\d+)", tok):
+                extra["spin_lr"] = float(m[1])
             elif tok.startswith("rule:"):
                 rules.append(_parse_rule(tok[5:]))
             else:
@@ -369,7 +386,7 @@ class Recipe:
                       act_order=act_order, **extra)
 
 
-_OPTION = re.compile(r"w\d+|g-?\d+|a\d+|a-static|sym|asym|fp8|scale-model|damp.*|act-order|no-act-order|kv\d+|kv-g\d+|rot-seed\d+|clip.*|"
+_OPTION = re.compile(r"w\d+|g-?\d+|a\d+|a-static|sym|asym|fp8|scale-model|damp.*|act-order|no-act-order|kv\d+|kv-g\d+|rot-seed\d+|spin-.*|clip.*|"
                      r"rule:.*|sink.*|sq-alpha.*|gptaq-alpha.*|search\d+")
 
 

@@ -98,6 +98,15 @@ def hadamard_ref(x: torch.Tensor) -> torch.Tensor:
     return hadamard_transform(x)
 
 
+def _hadamard_backward(ctx, grad):
+    from qfx.algorithms.hadamard import hadamard_transform
+
+    return hadamard_transform(grad, transpose=True)  # y = x H, so dL/dx = dL/dy H^T
+
+
+hadamard.register_autograd(_hadamard_backward)
+
+
 @torch.library.custom_op("qfx::quantize_kv", mutates_args=())
 def quantize_kv(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """The values a quantized KV cache gives back: asymmetric int `bits` per token and head,
@@ -120,3 +129,10 @@ def quantize_kv_ref(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor
     scale, zero = P.choose_qparams(xg.amin(-1, keepdim=True), xg.amax(-1, keepdim=True), bits, False)
     codes = P.quantize(xg, scale, zero, bits)
     return P.from_groups(P.dequantize(codes, scale, zero, bits), d).to(x.dtype)
+
+
+def _quantize_kv_backward(ctx, grad):
+    return grad, None, None  # straight-through: rounding is treated as the identity (SpinQuant trains through it)
+
+
+quantize_kv.register_autograd(_quantize_kv_backward)

@@ -158,8 +158,9 @@ def online_factors(n: int) -> tuple[torch.Tensor | None, int]:
     return random_orthogonal(m, seed=n), p
 
 
-def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
-    """x @ H_n over the last dim, H_n = M (x) H_p / sqrt(p) orthogonal (see `online_factors`).
+def hadamard_transform(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """x @ H_n over the last dim, H_n = M (x) H_p / sqrt(p) orthogonal (see `online_factors`);
+    x @ H_n^T (its inverse) with `transpose`.
 
     x: (..., n). Computed in float32 (or float64 for float64 input), returned in x's dtype.
     """
@@ -175,6 +176,7 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
         h *= 2
     y = y / math.sqrt(p)
     if m_mat is not None:  # row index i = a * p + b: (x (M (x) B))[a', b] = sum_a M[a, a'] (x B)[a, b]
+        m_mat = m_mat.T if transpose else m_mat  # H_p is symmetric, so H_n^T = M^T (x) H_p
         y = torch.einsum("...ab,ac->...cb", y, m_mat.to(device=y.device, dtype=work))
     return y.reshape(x.shape).to(x.dtype)
 

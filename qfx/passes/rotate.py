@@ -22,6 +22,8 @@ the tensors from a checkpoint. Tensors are rebound, never changed in place.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.fx import GraphModule, Node
 
@@ -36,8 +38,25 @@ from qfx.residual import Stream
 HADAMARD = torch.ops.qfx.hadamard.default
 
 
-def _read(gm: GraphModule, target: str) -> torch.Tensor:
-    return get_attr_tensor(gm, target).detach().double()
+@dataclass
+class RotationPlan:
+    """The tensors each rotation rewrites, by get_attr target (read from the graph once)."""
+
+    width: int  # D, the residual stream's width
+    embeddings: list[str]  # tables (V, D): E R1
+    writers: list[tuple[str, str | None]]  # (weight (D, K), bias (D,)): R1^T W, b R1
+    readers: list[str]  # weights (N, D) reading a norm: W R1
+    heads: list[Region]  # v -> o regions (fold.head_dim set): R2 per kv head
+    online: list[str]  # weights (D, K) after an online Hadamard (R4): W H
+
+    def r2_keys(self) -> list[str]:
+        return [f"R2.{r.linears[0]}" for r in self.heads]
+
+    def targets(self) -> list[str]:
+        out = [*self.embeddings, *(t for wb in self.writers for t in wb if t), *self.readers]
+        for r in self.heads:
+            out += [*r.fold.targets, *r.weights]
+        return list(dict.fromkeys(out))
 
 
 def _bias_target(lin: Node) -> str | None:
@@ -45,39 +64,51 @@ def _bias_target(lin: Node) -> str | None:
     return b.target if isinstance(b, Node) and b.op == "get_attr" else None
 
 
-def rotate_stream(gm: GraphModule, stream: Stream, r1: torch.Tensor) -> None:
-    """h -> h R1 on the residual stream (norm weights must already be folded)."""
-    q = r1.double()
-    for emb in stream.embeddings:
-        t = emb.args[0].target
-        rebind(gm, t, _read(gm, t) @ q.to(get_attr_tensor(gm, t).device))
-    for lin in stream.writers:
-        w = _read(gm, lin.args[1].target)
-        rebind(gm, lin.args[1].target, q.to(w.device).T @ w)
-        if (b := _bias_target(lin)) is not None:
-            rebind(gm, b, _read(gm, b) @ q.to(w.device))
-    for norm in stream.norms:
-        for lin in norm.readers:
-            w = _read(gm, lin.args[1].target)
-            rebind(gm, lin.args[1].target, w @ q.to(w.device))
+def plan_rotation(gm: GraphModule, stream: Stream) -> RotationPlan:
+    regions = find_regions(gm, stream.writers)
+    heads = [r for r in regions if r.fold is not None and r.fold.head_dim is not None]
+    head_paths = {r.linears[0] for r in heads}
+    online = [w.args[1].target for w in stream.writers if (module_path(w) or w.name) not in head_paths]
+    return RotationPlan(
+        width=stream.width,
+        embeddings=[e.args[0].target for e in stream.embeddings],
+        writers=[(w.args[1].target, _bias_target(w)) for w in stream.writers],
+        readers=[r.args[1].target for n in stream.norms for r in n.readers],
+        heads=heads,
+        online=online,
+    )
 
 
-def rotate_heads(gm: GraphModule, region: Region, r2: torch.Tensor) -> None:
-    """v -> v R2 per kv head, o's input columns of each head -> W R2 (see module docstring)."""
-    hd = region.fold.head_dim
-    q = r2.double()
-    v_rows = sorted(set(region.fold.rows))
-    for target in region.fold.targets:  # v's weight (N, K) then its bias (N,)
-        t = _read(gm, target).clone()
-        for start in v_rows[::hd]:
-            block = t[start:start + hd]
-            t[start:start + hd] = q.to(t.device).T @ block
-        rebind(gm, target, t)
-    for target in region.weights:
-        w = _read(gm, target).clone()
-        for start in range(0, w.shape[1], hd):
-            w[:, start:start + hd] = w[:, start:start + hd] @ q.to(w.device)
-        rebind(gm, target, w)
+def rotated_tensors(tensors: dict[str, torch.Tensor], plan: RotationPlan, r1: torch.Tensor,
+                    r2: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """New values of `plan.targets()` from `tensors` (norm weights already folded), as a pure
+    function: differentiable in r1 and r2 (SpinQuant learns them through it).
+
+    r1: (D, D) orthogonal. r2: {"R2.<o_proj path>": (head_dim, head_dim)} orthogonal.
+    """
+    out = dict(tensors)
+    for t in plan.embeddings:
+        out[t] = out[t] @ r1
+    for w, b in plan.writers:
+        out[w] = r1.T @ out[w]
+        if b is not None:
+            out[b] = out[b] @ r1
+    for t in plan.readers:
+        out[t] = out[t] @ r1
+    for region, key in zip(plan.heads, plan.r2_keys()):
+        q, hd = r2[key], region.fold.head_dim
+        v_rows = sorted(set(region.fold.rows))
+        for target in region.fold.targets:  # v's weight (N, K) then bias (N,): R2^T per kv head
+            t = out[target]
+            parts, last = [], 0
+            for start in v_rows[::hd]:
+                parts += [t[last:start], q.T @ t[start:start + hd]]
+                last = start + hd
+            out[target] = torch.cat(parts + [t[last:]])
+        for target in region.weights:  # o's input columns, head by head: W R2
+            w = out[target]
+            out[target] = torch.cat([w[:, s:s + hd] @ q for s in range(0, w.shape[1], hd)], dim=1)
+    return {t: out[t] for t in plan.targets()}
 
 
 def _insert_hadamard(gm: GraphModule, consumer: Node, arg_index: int) -> Node:
@@ -98,33 +129,34 @@ def rotate(gm: GraphModule, seed: int = 0, rotations: dict[str, torch.Tensor] | 
     rotations = rotations or {}
     stream = checked_stream(gm)
     untie_embeddings(gm, stream)
-    regions = {r.linears[0]: r for r in find_regions(gm, stream.writers)}
-    heads = [r for r in regions.values() if r.fold is not None and r.fold.head_dim is not None]
-    online = [w for w in stream.writers if not any(module_path(w) == r.linears[0] for r in heads)]
+    plan = plan_rotation(gm, stream)
     if compute:
-        fold_norm_weights(gm, stream)
-        r1 = rotations.get("R1")
-        r1 = orthogonal(stream.width, seed) if r1 is None else _checked(r1, stream.width, "R1")
-        rotate_stream(gm, stream, r1)
-        for i, region in enumerate(heads):
-            key = f"R2.{region.linears[0]}"
-            r2 = rotations.get(key)
-            hd = region.fold.head_dim
-            r2 = orthogonal(hd, seed + 1 + i) if r2 is None else _checked(r2, hd, key)
-            rotate_heads(gm, region, r2)
-        for lin in online:
-            w = _read(gm, lin.args[1].target)
-            rebind(gm, lin.args[1].target, w @ hadamard_dense(w.shape[1]).to(w.device))
-        unknown = set(rotations) - {"R1"} - {f"R2.{r.linears[0]}" for r in heads}
+        unknown = set(rotations) - {"R1", *plan.r2_keys()}
         if unknown:
             raise RotationError(f"rotations for parts this model does not have: {sorted(unknown)[:3]}")
-    for lin in online:
+        fold_norm_weights(gm, stream)
+        for target in plan.online:  # R4: x -> x H before the linear, so W -> W H
+            w = get_attr_tensor(gm, target).detach().double()
+            rebind(gm, target, w @ hadamard_dense(w.shape[1]).to(w.device))
+        r1 = rotations.get("R1")
+        r1 = orthogonal(plan.width, seed) if r1 is None else _checked(r1, plan.width, "R1")
+        r2 = {}
+        for i, (key, region) in enumerate(zip(plan.r2_keys(), plan.heads)):
+            hd = region.fold.head_dim
+            r2[key] = orthogonal(hd, seed + 1 + i) if key not in rotations else _checked(rotations[key], hd, key)
+        device = get_attr_tensor(gm, plan.embeddings[0]).device
+        tensors = {t: get_attr_tensor(gm, t).detach().to(device).double() for t in plan.targets()}
+        new = rotated_tensors(tensors, plan, r1.to(device), {k: v.to(device) for k, v in r2.items()})
+        for target, value in new.items():
+            rebind(gm, target, value)
+    online = set(plan.online)
+    for lin in [w for w in stream.writers if w.args[1].target in online]:
         _insert_hadamard(gm, lin, 0)
     attentions = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ATTENTION]
     for attn in attentions:  # R3: queries and keys, after RoPE
         _insert_hadamard(gm, attn, 0)
         _insert_hadamard(gm, attn, 1)
-    return finish(gm, "rotate", 1 + len(heads) + len(online) + 2 * len(attentions))
+    return finish(gm, "rotate", 1 + len(plan.heads) + len(online) + 2 * len(attentions))
 
 
 def _checked(r: torch.Tensor, n: int, name: str) -> torch.Tensor:
@@ -149,11 +181,37 @@ def read_rotations(path: str) -> dict[str, torch.Tensor]:
         raise RotationError(f"rotation file {path} is not a safetensors file of rotations: {e}") from None
 
 
-def rotate_for_recipe(gm: GraphModule, recipe, compute: bool = True) -> GraphModule:
-    """`rotate` when the recipe's pipeline has a rotation method (see qfx.config.ROTATION_METHODS)."""
+def save_rotations(rotations: dict[str, torch.Tensor], path) -> None:
+    """Write rotations as safetensors (to a temporary file renamed into place)."""
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(prefix=".rotations-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in rotations.items()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def rotate_for_recipe(gm: GraphModule, recipe, compute: bool = True,
+                      rotations: dict[str, torch.Tensor] | None = None) -> GraphModule:
+    """`rotate` when the recipe's pipeline has a rotation method (see qfx.config.ROTATION_METHODS).
+
+    Rotations come from `rotations`, else the recipe's rotation_path, else (quarot) random
+    Hadamard matrices; spinquant needs learned ones (`qfx.algorithms.spinquant`)."""
     from qfx.config import ROTATION_METHODS
 
     if not any(m in ROTATION_METHODS for m in recipe.methods):
         return gm
-    rotations = read_rotations(recipe.rotation_path) if compute and recipe.rotation_path else None
+    if compute and rotations is None and recipe.rotation_path:
+        rotations = read_rotations(recipe.rotation_path)
+    if compute and rotations is None and "spinquant" in recipe.methods:
+        raise RotationError("spinquant learns its rotations from calibration data: use qfx.quantize(model, recipe, "
+                            "calib=...), or qfx.learn_rotations(...) and prepare(..., rotations=...)")
     return rotate(gm, recipe.rotation_seed, rotations, compute=compute)

@@ -1,0 +1,118 @@
+"""SpinQuant: learn the rotations R1 (D x D) and R2 (one head_dim x head_dim per attention)
+on calibration data, then fold them as QuaRot does (`qfx.passes.rotate`).
+
+The model is captured, its norms folded and its online Hadamards (R3, R4) inserted, as for
+QuaRot with identity R1/R2. Each step then:
+1. rebuilds the rotated weights from R1 and R2 (`rotated_tensors`, differentiable);
+2. runs the graph with every planned linear's input quantized per token (and its weight by
+   RTN when the pipeline has no GPTQ-like method to choose weights later, as in the paper),
+   through a straight-through estimator, and the KV cache quantized if the recipe says so;
+3. takes the next-token cross-entropy and moves R1 and each R2 along the orthogonal group
+   by a Cayley step: A = G R^T - R G^T (skew), R <- (I + lr/2 A)^-1 (I - lr/2 A) R, which
+   stays exactly orthogonal.
+R1 and R2 start from QuaRot's random Hadamard matrices.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.fx import GraphModule, Interpreter
+from tqdm.auto import tqdm
+
+from qfx import primitives as P
+from qfx.algorithms.hadamard import orthogonal
+from qfx.capture import capture, get_attr_tensor
+from qfx.config import QuantSpec, Recipe
+from qfx.ops import fake_quantize_activation
+from qfx.passes.annotate_linears import annotate_linears, plans
+from qfx.passes.canonicalize_linears import canonicalize_linears
+from qfx.passes.fold_norms import checked_stream
+from qfx.passes.quantize_kv import quantize_kv_cache
+from qfx.passes.rotate import plan_rotation, rotate, rotated_tensors
+
+
+def cayley_step(r: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
+    """One Cayley descent step on the orthogonal group (float64 inside; r's dtype out)."""
+    x, g = r.double(), grad.double()
+    a = g @ x.T - x @ g.T
+    eye = torch.eye(x.shape[0], dtype=x.dtype, device=x.device)
+    return torch.linalg.solve(eye + lr / 2 * a, (eye - lr / 2 * a) @ x).to(r.dtype)
+
+
+def _ste(x: torch.Tensor, fq: torch.Tensor) -> torch.Tensor:
+    """Forward fq, backward identity (straight-through)."""
+    return x + (fq - x).detach()
+
+
+def _fake_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    group = spec.group_size if spec.granularity == "group" else None
+    return P.fake_quantize_weight(w.detach().float(), spec.bits, spec.symmetric, group, spec.clip_ratio)
+
+
+class _FakeQuantRun(Interpreter):
+    """Runs the graph with `params` in place of its tensors and planned linears fake-quantized."""
+
+    def __init__(self, gm: GraphModule, params: dict[str, torch.Tensor], quantize_weights: bool):
+        super().__init__(gm)
+        self.params, self.quantize_weights = params, quantize_weights
+        self.planned = dict(plans(gm))
+
+    def get_attr(self, target, args, kwargs):
+        return self.params[target] if target in self.params else super().get_attr(target, args, kwargs)
+
+    def run_node(self, n):
+        plan = self.planned.get(n)
+        if plan is None:
+            return super().run_node(n)
+        args, _ = self.fetch_args_kwargs_from_env(n)
+        x, w, b = args[0], args[1], args[2] if len(args) > 2 else None
+        xf, wf = x.float(), w.float()
+        if plan.act is not None:
+            xf = _ste(xf, fake_quantize_activation(xf.detach(), plan.act.bits, None, fp8=plan.act.dtype == "fp8"))
+        if self.quantize_weights:
+            wf = _ste(wf, _fake_weight(wf, plan.weight))
+        return torch.nn.functional.linear(xf, wf, None if b is None else b.float()).to(x.dtype)
+
+
+def learn_rotations(model: torch.nn.Module, recipe: Recipe, batches: list[torch.Tensor], steps: int = 100,
+                    lr: float = 1.5, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Rotations {"R1": (D, D), "R2.<o_proj path>": (hd, hd)} (float32, CPU) learned on `batches`
+    (token ids (B, S) each, cycled) for `steps` Cayley steps of size `lr`."""
+    if not batches:
+        raise ValueError("learn_rotations: give at least one calibration batch")
+    gm = canonicalize_linears(capture(model))
+    stream = checked_stream(gm)
+    plan = plan_rotation(gm, stream)
+    identity = {"R1": torch.eye(plan.width, dtype=torch.float64)}
+    identity.update({k: torch.eye(r.fold.head_dim, dtype=torch.float64) for k, r in zip(plan.r2_keys(), plan.heads)})
+    gm = rotate(gm, rotations=identity)  # norms folded, R4 folded and online, R3 online
+    gm = quantize_kv_cache(gm, recipe.kv)
+    gm = annotate_linears(gm, recipe)
+    stream = checked_stream(gm)
+    plan = plan_rotation(gm, stream)  # same targets, read from the rewritten graph
+    device = get_attr_tensor(gm, plan.embeddings[0]).device
+    base = {t: get_attr_tensor(gm, t).detach().float() for t in plan.targets()}
+    dtypes = {t: get_attr_tensor(gm, t).dtype for t in plan.targets()}
+    r1 = orthogonal(plan.width, recipe.rotation_seed).float().to(device)
+    r2 = {k: orthogonal(r.fold.head_dim, recipe.rotation_seed + 1 + i).float().to(device)
+          for i, (k, r) in enumerate(zip(plan.r2_keys(), plan.heads))}
+    quantize_weights = recipe.weight_method == "rtn"
+    bar = tqdm(range(steps), desc="spinquant", unit="step", disable=not progress)
+    for step in bar:
+        ids = batches[step % len(batches)].to(device)
+        leaves = [r1.requires_grad_(), *(v.requires_grad_() for v in r2.values())]
+        rotated = rotated_tensors(base, plan, r1, r2)
+        params = {t: v.to(dtypes[t]) for t, v in rotated.items()}
+        out = _FakeQuantRun(gm, params, quantize_weights).run(ids)
+        logits = out[0] if isinstance(out, (tuple, list)) else out
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+        grads = torch.autograd.grad(loss, leaves)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"spinquant: loss is {loss.item()} at step {step}; lower the learning rate")
+        with torch.no_grad():
+            r1 = cayley_step(r1.detach(), grads[0], lr)
+            r2 = {k: cayley_step(v.detach(), g, lr) for (k, v), g in zip(r2.items(), grads[1:])}
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return {"R1": r1.detach().cpu(), **{k: v.detach().cpu() for k, v in r2.items()}}
