@@ -143,3 +143,29 @@ def test_each_block_wise_method_from_the_command_line(capsys, tmp_path, tiny_hf_
     result = json.loads(out.strip().splitlines()[-1])
     assert result["method"] == method and result["quantized_linears"] == 14
     assert result["ppl_quant"] < 2 * result["ppl_fp"]
+
+
+def test_quarot_and_spinquant_from_the_command_line(capsys, tmp_path, tiny_hf_dir):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("calibration text for rotations and second order statistics " * 300)
+    common = ["--model", tiny_hf_dir, "--w-bits", 4, "--w-group", -1, "--a-bits", 4, "--kv-bits", 8, "--calib", calib,
+              "--calib-samples", 2, "--seq-len", 64, "--eval", WIKITEXT, "--eval-windows", 1, "--device", "cpu",
+              "--json", "--quiet"]
+    code, out, err = _run(capsys, "quantize", "--method", "quarot,gptq", *common)
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["recipe"].startswith("quarot,gptq w4 g-1 sym a4 kv8") and result["quantized_linears"] == 14
+
+    rotations = tmp_path / "rot.safetensors"
+    code, out, err = _run(capsys, "quantize", "--method", "spinquant", "--spin-steps", 2, "--rotation-out",
+                          rotations, "--output", tmp_path / "spin", *common)
+    assert code == 0, err
+    learned = json.loads(out.strip().splitlines()[-1])
+    assert rotations.is_file() and learned["calib_samples"] == 2
+    # the saved rotations reproduce the learned model without learning again
+    code, out, err = _run(capsys, "quantize", "--method", "spinquant", "--rotation-path", rotations, *common)
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["ppl_quant"] == pytest.approx(learned["ppl_quant"], rel=1e-9)
+    code, out, err = _run(capsys, "export", tmp_path / "spin", "--format", "compressed-tensors", "--output",
+                          tmp_path / "ct")
+    assert code != 0 and "qfx.hadamard" in err and not (tmp_path / "ct").exists()

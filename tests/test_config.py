@@ -49,7 +49,9 @@ def test_w16_a16_mean_not_quantized():
         ("w4 gx", "not understood"),
         ("w4 g-5", "group size"),
         ("w4 a8 bogus", "not understood"),
-        ("w4 kv8", "KV-cache"),
+        ("w4 kv9", "2..8 bits"),
+        ("quarot,spinquant w4", "one rotation method"),
+        ("spinquant w4 spin-steps0", "spin_steps=0"),
         ("w4 rule:down_proj", "rule:REGEX=SPEC"),
         ("w4 rule:(=w8", "not a valid regex"),
         ("", "empty recipe"),
@@ -107,3 +109,19 @@ def test_gptq_options():
     assert Recipe.parse("w4").weight_method == "rtn"
     with pytest.raises(ConfigError, match="damp"):
         Recipe.parse("gptq w4 damp1.5")
+
+
+def test_kv_rotation_and_spinquant_tokens_round_trip():
+    r = Recipe.parse("spinquant,gptq w4 g-1 a4 kv4 kv-g32 rot-seed3 spin-steps20 spin-lr0.5")
+    assert r.methods == ("spinquant", "gptq") and r.weight_method == "gptq"
+    assert (r.kv.bits, r.kv.symmetric, r.kv.granularity, r.kv.group_size) == (4, False, "group", 32)
+    assert (r.rotation_seed, r.spin_steps, r.spin_lr) == (3, 20, 0.5)
+    assert Recipe.from_dict(r.to_dict()) == r
+    assert Recipe.parse("w16 kv8").kv.granularity == "token"  # KV cache alone is a recipe
+
+
+def test_rotation_path_needs_a_rotation_method():
+    import dataclasses
+
+    with pytest.raises(ConfigError, match="no rotation method"):
+        dataclasses.replace(Recipe.parse("gptq w4"), rotation_path="r.safetensors")

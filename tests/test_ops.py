@@ -77,3 +77,41 @@ def test_output_dtype_follows_input_and_opcheck_passes():
             NO_ACT_QUANT, None)
     assert quantized_linear(*args).dtype == torch.bfloat16
     torch.library.opcheck(torch.ops.qfx.quantized_linear.default, args)
+
+
+def _kv_reference(x, bits, group):
+    """Loop over every (token, head, group): min-max asymmetric round trip."""
+    out = torch.empty_like(x, dtype=torch.float32)
+    d = x.shape[-1]
+    g = group or d
+    qmax = 2**bits - 1
+    for idx in torch.cartesian_prod(*[torch.arange(s) for s in x.shape[:-1]]):
+        row = x[tuple(idx)].float()
+        for s in range(0, d, g):
+            v = row[s:s + g]
+            lo, hi = min(v.min().item(), 0.0), max(v.max().item(), 0.0)
+            scale = max((hi - lo) / qmax, 1e-12)
+            zero = min(max(round(-lo / scale), 0), qmax)
+            q = torch.clamp(torch.round(v / scale) + zero, 0, qmax)
+            out[tuple(idx)][s:s + g] = (q - zero) * scale
+    return out
+
+
+@pytest.mark.parametrize("bits,group", [(4, 0), (8, 0), (4, 4), (2, 6)])
+def test_quantize_kv_matches_a_per_token_head_group_loop(bits, group):
+    x = torch.randn(2, 3, 5, 16, generator=torch.Generator().manual_seed(bits + group))
+    got = torch.ops.qfx.quantize_kv(x, bits, group)
+    torch.testing.assert_close(got, _kv_reference(x, bits, group), rtol=0, atol=1e-6)
+    assert got.dtype == x.dtype and got.shape == x.shape
+
+
+def test_hadamard_op_matches_dense_and_has_a_gradient():
+    from qfx.algorithms.hadamard import hadamard_dense
+
+    x = torch.randn(3, 48, dtype=torch.float64, requires_grad=True)
+    y = torch.ops.qfx.hadamard(x)
+    h = hadamard_dense(48)
+    torch.testing.assert_close(y, x @ h, rtol=0, atol=1e-12)
+    (y * torch.arange(48.0, dtype=torch.float64)).sum().backward()
+    torch.testing.assert_close(x.grad, (torch.arange(48.0, dtype=torch.float64) @ h.T).expand(3, 48),
+                               rtol=0, atol=1e-12)
