@@ -2,6 +2,7 @@
 
     python benchmarks/accuracy.py --grid cpu --device cpu --eval-windows 8 --calib-samples 16
     python benchmarks/accuracy.py --grid full --device cuda            # 128 x 2048 calibration
+    python benchmarks/accuracy.py --grid rotation --device cuda        # QuaRot / SpinQuant cells
     ... --peer-python /path/to/venv/bin/python   # also run llm-compressor in that environment
 
 Each qfx cell is one `qfx quantize ... --json` process (so its peak memory is its own); each
@@ -29,6 +30,8 @@ SETTINGS = {
     "W3A16 g64 asym": ["--w-bits", "3", "--w-group", "64", "--w-asym"],
     "W4A8 g64 sym": ["--w-bits", "4", "--w-group", "64", "--w-sym", "--a-bits", "8"],
     "W8A8": ["--w-bits", "8", "--w-group", "0", "--a-bits", "8"],
+    "W4A4 KV16": ["--w-bits", "4", "--w-group", "-1", "--w-sym", "--a-bits", "4"],
+    "W16A16 KV4": ["--w-bits", "16", "--kv-bits", "4"],
 }
 WEIGHT_ONLY = ["rtn", "gptq", "gptaq", "awq", "awq+"]
 GRIDS = {
@@ -38,6 +41,10 @@ GRIDS = {
     "cpu": [(m, s) for s in ("W4A16 g64 asym", "W3A16 g64 asym") for m in WEIGHT_ONLY]
     + [(m, "W4A8 g64 sym") for m in ("rtn", "gptq", "smoothquant,gptq")]
     + [(m, "W8A8") for m in ("rtn", "smoothquant")],
+    # rotations (QuaRot, SpinQuant): low-bit activations and KV cache
+    "rotation": [(m, "W4A4 KV16") for m in ("rtn", "gptq", "quarot", "quarot,gptq", "spinquant", "spinquant,gptq")]
+    + [(m, "W4A8 g64 sym") for m in ("rtn", "gptq", "gptaq", "quarot,gptq", "spinquant,gptq")]
+    + [(m, "W16A16 KV4") for m in ("rtn", "quarot")],
 }
 # the llm-compressor recipe standing for each qfx method (see peer_llmcompressor.py)
 PEER_METHODS = {"rtn": "rtn", "gptq": "gptq", "awq": "awq", "smoothquant": "smoothquant",
@@ -50,7 +57,7 @@ def _last_json(out: str) -> dict:
 
 def run_qfx(method: str, setting: str, a, fp: bool) -> dict:
     cmd = [sys.executable, "-m", "qfx.cli", "quantize", "--method", method, *SETTINGS[setting], *common_args(a),
-           "--search-samples", str(a.search_samples), "--json", "--quiet"]
+           "--search-samples", str(a.search_samples), "--spin-steps", str(a.spin_steps), "--json", "--quiet"]
     if not fp:
         cmd.append("--no-fp-eval")
     r = _last_json(subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout)
@@ -68,7 +75,7 @@ def run_peer(method: str, setting: str, a) -> dict:
 
 
 def common_args(a) -> list[str]:
-    args = ["--model", "smollm2-135m", "--eval", str(WIKITEXT), "--seq-len", str(a.seq_len), "--device", a.device,
+    args = ["--model", a.model, "--eval", a.eval, "--seq-len", str(a.seq_len), "--device", a.device,
             "--calib", "wiki-summaries", "--calib-samples", str(a.calib_samples)]
     return args + (["--eval-windows", str(a.eval_windows)] if a.eval_windows else [])
 
@@ -107,7 +114,7 @@ def merge(a) -> None:
     for r in rows:
         r["ppl_fp"] = ppl_fp  # every run evaluates the same windows; the first one measured FP
     header["command"] = " ; ".join(commands)
-    order = {m: i for i, m in enumerate(dict.fromkeys(m for m, _ in GRIDS["full"]))}
+    order = {m: i for i, m in enumerate(dict.fromkeys(m for grid in GRIDS.values() for m, _ in grid))}
     rows.sort(key=lambda r: (list(SETTINGS).index(r["setting"]), order.get(r["method"], 99), r["tool"] != "qfx"))
     write(rows, a, header)
 
@@ -120,10 +127,14 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--search-samples", type=int, default=16, help="qfx AWQ: samples its scale search runs on")
+    p.add_argument("--spin-steps", type=int, default=100, help="qfx SpinQuant: Cayley SGD steps")
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded) or its .gguf file")
+    p.add_argument("--eval", default=str(WIKITEXT), help="the WikiText-2 test text")
     p.add_argument("--peer-python", default=None, help="python of an environment with llmcompressor installed")
     p.add_argument("--peer-only", action="store_true", help="run only the llm-compressor cells")
     p.add_argument("--settings", default=None, help="comma-separated settings to run (default: the grid's)")
-    p.add_argument("--only", default=None, help="comma-separated methods to run (default: the whole grid)")
+    p.add_argument("--only", nargs="+", default=None, help="methods (pipelines such as quarot,gptq) to run "
+                   "(default: the whole grid)")
     p.add_argument("--tag", default=None, help="suffix of the result files, e.g. cpu")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--merge", nargs="+", default=None, metavar="STEM",
@@ -145,10 +156,11 @@ def main() -> None:
         f"{a.seq_len} tokens from the start ({a.eval_windows or 'all'} windows); model in bfloat16; head in "
         f"bfloat16; calibration: {a.calib_samples} x {a.seq_len} tokens drawn with seed 0 from wiki-summaries "
         "(Wikipedia lead sections, not the evaluation text); block-by-block calibration; qfx AWQ searches on "
-        f"{a.search_samples} samples; peak_mem_mb is the process's peak RSS on CPU, peak allocated GPU memory "
+        f"{a.search_samples} samples; qfx SpinQuant takes {a.spin_steps} Cayley steps, one sample each; "
+        "W4A4 is int4 per-channel symmetric weights and int4 per-token activations; peak_mem_mb is the process's peak RSS on CPU, peak allocated GPU memory "
         "during calibration on CUDA",
     }
-    only = set(a.only.split(",")) if a.only else None
+    only = set(a.only) if a.only else None
     rows: list[dict] = []
     for i, (method, setting) in enumerate(GRIDS[a.grid]):
         if (only and method not in only) or (a.settings and setting not in a.settings.split(",")):

@@ -8,8 +8,8 @@ QuaRot with identity R1/R2. Each step then:
    RTN when the pipeline has no GPTQ-like method to choose weights later, as in the paper),
    through a straight-through estimator, and the KV cache quantized if the recipe says so;
 3. takes the next-token cross-entropy and moves R1 and each R2 along the orthogonal group
-   by a Cayley step: A = G R^T - R G^T (skew), R <- (I + lr/2 A)^-1 (I - lr/2 A) R, which
-   stays exactly orthogonal.
+   by a Cayley step: A = G R^T - R G^T (skew), R <- (I + a/2 A)^-1 (I - a/2 A) R with
+   a = min(lr, 1 / ||A||_1), which stays exactly orthogonal.
 R1 and R2 start from QuaRot's random Hadamard matrices.
 """
 
@@ -34,11 +34,15 @@ from qfx.passes.rotate import plan_rotation, rotate, rotated_tensors
 
 
 def cayley_step(r: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
-    """One Cayley descent step on the orthogonal group (float64 inside; r's dtype out)."""
+    """One Cayley descent step on the orthogonal group (float64 inside; r's dtype out).
+
+    The step is min(lr, 1 / ||A||_1), as in Li et al.'s Cayley SGD: a large gradient early on
+    cannot throw the rotation far from where it started."""
     x, g = r.double(), grad.double()
     a = g @ x.T - x @ g.T
+    step = min(lr, 1.0 / (torch.linalg.matrix_norm(a, ord=1).item() + 1e-8))
     eye = torch.eye(x.shape[0], dtype=x.dtype, device=x.device)
-    return torch.linalg.solve(eye + lr / 2 * a, (eye - lr / 2 * a) @ x).to(r.dtype)
+    return torch.linalg.solve(eye + step / 2 * a, (eye - step / 2 * a) @ x).to(r.dtype)
 
 
 def _ste(x: torch.Tensor, fq: torch.Tensor) -> torch.Tensor:
