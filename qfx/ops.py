@@ -88,14 +88,14 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
 
 @hadamard.register_fake
 def _(x):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous, as the implementation returns
 
 
 def hadamard_ref(x: torch.Tensor) -> torch.Tensor:
     """Plain-PyTorch reference for `qfx::hadamard`."""
     from qfx.algorithms.hadamard import hadamard_transform
 
-    return hadamard_transform(x)
+    return hadamard_transform(x).contiguous()
 
 
 def _hadamard_backward(ctx, grad):
@@ -119,7 +119,7 @@ def quantize_kv(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
 
 @quantize_kv.register_fake
 def _(x, bits, group_size):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous, as the implementation returns
 
 
 def quantize_kv_ref(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
@@ -128,7 +128,7 @@ def quantize_kv_ref(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor
     xg = P.to_groups(x.float(), group_size or d)  # (..., G, g); zero padding never widens a range
     scale, zero = P.choose_qparams(xg.amin(-1, keepdim=True), xg.amax(-1, keepdim=True), bits, False)
     codes = P.quantize(xg, scale, zero, bits)
-    return P.from_groups(P.dequantize(codes, scale, zero, bits), d).to(x.dtype)
+    return P.from_groups(P.dequantize(codes, scale, zero, bits), d).to(x.dtype).contiguous()
 
 
 def _quantize_kv_backward(ctx, grad):

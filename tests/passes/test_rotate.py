@@ -117,3 +117,14 @@ def test_quarot_w4a4_saves_reloads_exactly_and_refuses_serving_export(tmp_path, 
     assert torch.equal(_logits(qfx.load(tmp_path / "q"), token_ids), out)
     with pytest.raises(ExportError, match="qfx.hadamard"):
         qfx.export(qmodel, tmp_path / "ct", format="compressed-tensors")
+
+
+def test_rotated_model_compiles_with_the_qfx_backend_and_exports(tmp_path, token_ids):
+    qmodel = qfx.quantize(tiny_model("llama"), "quarot w4 g32 asym kv8", progress=False)
+    with torch.no_grad():
+        eager = _logits(qmodel, token_ids)
+        compiled = _logits(torch.compile(qmodel, backend="qfx"), token_ids)
+    torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3)  # Inductor reorders float32 sums
+    path = qfx.export(qmodel, tmp_path / "m.pt2")
+    with torch.no_grad():
+        assert torch.equal(_logits(qfx.load_exported(path), token_ids), eager)
