@@ -3,18 +3,19 @@ norms read it, and which linears read those norms. Rotations (`qfx.passes.rotate
 folding (`qfx.passes.fold_norms`) rewrite exactly these tensors.
 
 Starting at the token embedding's output, a value belongs to the stream when it is a cast,
-a dropout or a scalar multiple of a stream value, or the sum of a stream value and a writer:
+a dropout, a reshape keeping the last dim or a scalar multiple of a stream value, or the sum of a stream value and a writer:
 
 - writers: linears (o_proj, down_proj, ...) whose output is added to the stream and read by
   nothing else, and embedding lookups (learned positions) added to it;
 - norms: RMSNorm `x * rsqrt(mean(x^2, -1) + eps)`, optionally times an elementwise weight
-  `w` or `(offset + w)`; every reader of a norm's output must be a linear (through casts and
-  slices that keep the last dim).
+  `w` or `(offset + w)`, or LayerNorm (`qfx.passes.fold_norms` turns those into RMSNorms
+  once the stream has zero mean); every reader of a norm's output must be a linear (through
+  casts and slices that keep the last dim).
 
 An orthogonal Q (D x D) on the stream (h -> h Q) is then exact: writers' rows and embedding
 tables are rotated, the RMS of each token is unchanged, and readers take W Q once the norm
-weight is folded into them. Anything else reading the stream (a LayerNorm's mean, a residual
-that is not a plain sum) is listed in `problems`, each naming the node, and makes the model
+weight is folded into them. Anything else reading the stream (a residual that is not a plain
+sum, a norm read by something other than linears) is listed in `problems`, each naming the node, and makes the model
 non-rotatable here.
 """
 
@@ -30,14 +31,17 @@ from qfx.regions import CASTS
 
 aten = torch.ops.aten
 PASS_THROUGH = CASTS | {aten.dropout.default, aten.native_dropout.default}
+RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
 
 @dataclass
 class Norm:
-    node: Node  # x * rsqrt(...): the normalised value, before the elementwise weight
+    node: Node  # x * rsqrt(...) (RMSNorm, before its weight) or the aten.layer_norm node
     weight: str | None  # get_attr target of the elementwise weight (D,), if any
     offset: float  # the weight enters as (offset + w)
     readers: list[Node]  # linears reading the norm's output
+    bias: str | None = None  # LayerNorm's bias (D,)
+    kind: str = "rms"  # "rms" or "layer" (subtracts each token's mean first)
 
     @property
     def name(self) -> str:
@@ -92,6 +96,20 @@ def _embedding_of(n) -> Node | None:
     return None
 
 
+def _layer_norm(gm: GraphModule, ln: Node, width: int, stream: Stream) -> Norm | None:
+    """A LayerNorm over the stream's width: weight and bias from its arguments, then readers."""
+    if list(ln.args[1]) != [width]:
+        stream.problems.append(f"{ln.name}: a LayerNorm over {list(ln.args[1])}, not the last dim")
+        return None
+    params = [a.target if isinstance(a, Node) and a.op == "get_attr" else None for a in (*ln.args[2:4], None, None)][:2]
+    norm = Norm(ln, params[0], 0.0, [], bias=params[1], kind="layer")
+    readers = _readers(ln, stream)
+    if readers is None:
+        return None
+    norm.readers = readers
+    return norm
+
+
 def _norm_readers(gm: GraphModule, xhat: Node, width: int, stream: Stream) -> Norm | None:
     """From the normalised value: the optional weight, then linears reading the result."""
     from qfx.regions import _param
@@ -106,6 +124,12 @@ def _norm_readers(gm: GraphModule, xhat: Node, width: int, stream: Stream) -> No
             if a is not out and (found := _param(gm, a, width)) is not None:
                 weight, offset = found
                 out = users[0]
+    readers = _readers(out, stream)
+    return None if readers is None else Norm(xhat, weight, offset, readers)
+
+
+def _readers(out: Node, stream: Stream) -> list[Node] | None:
+    """Linears reading `out` through casts and slices that keep the last dim (None: a problem)."""
     readers, frontier = [], [out]
     while frontier:
         n = frontier.pop()
@@ -121,7 +145,7 @@ def _norm_readers(gm: GraphModule, xhat: Node, width: int, stream: Stream) -> No
             else:
                 stream.problems.append(f"norm output {n.name} is read by {u.name} ({u.target}), not a linear")
                 return None
-    return Norm(xhat, weight, offset, readers)
+    return readers
 
 
 def find_stream(gm: GraphModule) -> Stream:
@@ -157,9 +181,12 @@ def find_stream(gm: GraphModule) -> Stream:
                 norm = _norm_readers(gm, u, width, stream)
                 if norm is not None:
                     stream.norms.append(norm)
-            elif t is aten.layer_norm.default:
-                stream.problems.append(f"{module_path(u) or u.name}: LayerNorm subtracts each token's mean, which "
-                                       "a rotation does not preserve (only RMSNorm models are rotated)")
+            elif t is aten.layer_norm.default and u.args[0] is s:
+                norm = _layer_norm(gm, u, width, stream)
+                if norm is not None:
+                    stream.norms.append(norm)
+            elif t in RESHAPES and u.args[0] is s and int(u.meta["val"].shape[-1]) == width:
+                members.add(u), frontier.append(u)  # e.g. OPT's (B, S, D) -> (B * S, D) around its MLP
             else:
                 stream.problems.append(f"{u.name} ({t}) reads the residual stream {s.name}; only casts, sums with "
                                        "linear outputs and RMSNorms are understood")

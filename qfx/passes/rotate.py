@@ -1,7 +1,8 @@
 """QuaRot-style rotations as exact rewrites of the graph.
 
-Requires: a captured RMSNorm decoder (`qfx.residual`), linears as aten.linear.
-Guarantees, in float64 the logits are unchanged (tested to 1e-10 relative):
+Requires: a captured decoder with RMSNorms or pre-LayerNorms (`qfx.residual`), linears as aten.linear.
+Guarantees, in float64 the logits are unchanged (tested: to 1e-10 relative for OPT, 1e-6 for
+HF's RMSNorm models, whose norms compute in float32 whatever the model dtype):
 
 - R1 (D x D) on the residual stream: norm weights folded into their readers (`fold_norms`),
   embedding tables E -> E R1, every linear writing into the stream W -> R1^T W (bias b R1),
@@ -31,7 +32,7 @@ import qfx.ops  # noqa: F401  (registers torch.ops.qfx.hadamard)
 from qfx.algorithms.hadamard import hadamard_dense, orthogonal
 from qfx.capture import get_attr_tensor, module_path
 from qfx.passes import finish
-from qfx.passes.fold_norms import RotationError, checked_stream, fold_norm_weights, rebind, untie_embeddings
+from qfx.passes.fold_norms import RotationError, fold_norm_weights, prepare_stream, rebind
 from qfx.regions import ATTENTION, Region, find_regions
 from qfx.residual import Stream
 
@@ -127,8 +128,7 @@ def rotate(gm: GraphModule, seed: int = 0, rotations: dict[str, torch.Tensor] | 
            compute: bool = True) -> GraphModule:
     """Apply R1, R2, R3, R4 to `gm` (see the module docstring)."""
     rotations = rotations or {}
-    stream = checked_stream(gm)
-    untie_embeddings(gm, stream)
+    stream = prepare_stream(gm, compute)
     plan = plan_rotation(gm, stream)
     if compute:
         unknown = set(rotations) - {"R1", *plan.r2_keys()}
