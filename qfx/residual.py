@@ -61,11 +61,13 @@ def _users(n: Node) -> list[Node]:
     return [u for u in n.users if u.target is not aten._assert_tensor_metadata.default]
 
 
-def _is_scalar(gm: GraphModule, a) -> bool:
+def _is_scalar(a) -> bool:
+    """A Python number or a one-element tensor (sizes checked as ints: a symbolic batch or
+    sequence size is never taken for 1)."""
     if isinstance(a, (int, float)):
         return True
     val = a.meta.get("val") if isinstance(a, Node) else None
-    return isinstance(val, torch.Tensor) and val.numel() == 1
+    return isinstance(val, torch.Tensor) and all(type(d) is int and d == 1 for d in val.shape)
 
 
 def _strip(n):
@@ -81,7 +83,7 @@ def _rms_of(r, x: Node) -> bool:
     if not (isinstance(r, Node) and r.target is aten.rsqrt.default):
         return False
     a = _strip(r.args[0])
-    if isinstance(a, Node) and a.target is aten.add.Tensor and _is_scalar(None, a.args[1]):
+    if isinstance(a, Node) and a.target is aten.add.Tensor and _is_scalar(a.args[1]):
         a = _strip(a.args[0])
     if not (isinstance(a, Node) and a.target is aten.mean.dim and list(a.args[1]) in ([-1], [x.meta["val"].dim() - 1])):
         return False
@@ -167,7 +169,7 @@ def find_stream(gm: GraphModule) -> Stream:
                 members.add(u), frontier.append(u)
             elif t is aten.type_as.default and u.args[1] is s:
                 continue  # s only gives the dtype
-            elif t is aten.mul.Tensor and _is_scalar(gm, u.args[1] if u.args[0] is s else u.args[0]):
+            elif t is aten.mul.Tensor and _is_scalar(u.args[1] if u.args[0] is s else u.args[0]):
                 members.add(u), frontier.append(u)  # e.g. Gemma's sqrt(hidden) embedding scale
             elif t is aten.add.Tensor and s in u.args[:2]:
                 other = u.args[1] if u.args[0] is s else u.args[0]
