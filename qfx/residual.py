@@ -70,9 +70,15 @@ def _is_scalar(a) -> bool:
     return isinstance(val, torch.Tensor) and all(type(d) is int and d == 1 for d in val.shape)
 
 
+def _keeps_last_dim(n: Node) -> bool:
+    """A reshape that leaves the last dim alone (GPT-2's (B, S, D) <-> (B * S, D) around Conv1D)."""
+    return n.target in RESHAPES and isinstance(n.args[0], Node) \
+        and n.meta["val"].shape[-1] == n.args[0].meta["val"].shape[-1]
+
+
 def _strip(n):
-    """Through casts and dropouts to the value's source."""
-    while isinstance(n, Node) and n.op == "call_function" and n.target in PASS_THROUGH:
+    """Through casts, dropouts and last-dim-keeping reshapes to the value's source."""
+    while isinstance(n, Node) and n.op == "call_function" and (n.target in PASS_THROUGH or _keeps_last_dim(n)):
         n = n.args[0]
     return n
 
@@ -138,7 +144,7 @@ def _readers(out: Node, stream: Stream) -> list[Node] | None:
         for u in _users(n):
             if u.target in LINEAR_TARGETS and u.args[0] is n and u.args[1].op == "get_attr":
                 readers.append(u)
-            elif u.target in CASTS and u.args[0] is n:
+            elif (u.target in CASTS or _keeps_last_dim(u)) and u.args[0] is n:
                 frontier.append(u)
             elif u.target is aten.type_as.default and u.args[1] is n:
                 continue  # n only gives the dtype
