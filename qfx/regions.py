@@ -34,6 +34,7 @@ CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_a
 HEAD_LAYOUT = {aten.view.default, aten.reshape.default, aten.transpose.int, aten.unsqueeze.default,
                aten.expand.default, aten._unsafe_view.default, aten.permute.default}
 ATTENTION = {aten.scaled_dot_product_attention.default}
+RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,19 @@ def _skip_observers(gm: GraphModule, x: Node) -> Node:
     return x
 
 
+def _keeps_channels(n: Node) -> bool:
+    """A cast, or a reshape that leaves the last dim (the channels) alone, e.g. GPT-2's
+    (B, S, K) <-> (B * S, K) around its Conv1D matmuls."""
+    if n.op != "call_function":
+        return False
+    if n.target in CASTS:
+        return True
+    return n.target in RESHAPES and isinstance(n.args[0], Node) \
+        and n.meta["val"].shape[-1] == n.args[0].meta["val"].shape[-1]
+
+
 def _through_casts(n):
-    while isinstance(n, Node) and n.op == "call_function" and n.target in CASTS:
+    while isinstance(n, Node) and _keeps_channels(n):
         n = n.args[0]
     return n
 
@@ -107,7 +119,8 @@ def _linear_rows(n) -> tuple[Node, int] | None:
     n = _through_casts(n)
     offset = 0
     if isinstance(n, Node) and n.target is operator.getitem and isinstance(n.args[0], Node) \
-            and n.args[0].target is aten.chunk.default:
+            and n.args[0].target in (aten.chunk.default, aten.split.Tensor) \
+            and n.args[0].args[-1] in (-1, len(n.meta["val"].shape) - 1):  # pieces along the last dim
         offset, n = n.args[1] * int(n.meta["val"].shape[-1]), _through_casts(n.args[0].args[0])
     elif isinstance(n, Node) and n.target is aten.slice.Tensor:
         ndim = len(n.args[0].meta["val"].shape)
@@ -172,7 +185,7 @@ def _producer_fold(gm: GraphModule, x: Node, k: int, consumers: set[Node]) -> tu
             if u in seen:
                 continue
             seen.add(u)
-            if u.op == "call_function" and u.target in CASTS:
+            if _keeps_channels(u):
                 frontier.append(u)
             elif u.op == "call_module" and u not in consumers:
                 frontier.append(u)  # an observer passes values through

@@ -98,3 +98,29 @@ def test_unfoldable_regions_say_why():
     assert by_consumer["gelu_in"].fold is None  # reads the graph input
     with pytest.raises(ValueError, match="cannot take a scale"):
         apply_scale([gm], by_consumer["fc"], torch.ones(8))
+
+
+def test_gpt2_regions_through_its_conv1d_reshapes_fold_exactly():
+    """GPT-2's Conv1D matmuls reach their inputs and outputs through (B*S, K) reshapes, and its
+    fused c_attn is cut with aten.split: the regions see through both."""
+    from qfx.passes.canonicalize_linears import canonicalize_linears
+
+    torch.manual_seed(0)
+    cfg = T.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    model = T.AutoModelForCausalLM.from_config(cfg).double().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".ln_" in name:
+                p.add_(torch.rand_like(p) * 0.5)
+    gm = canonicalize_linears(capture(model))
+    block = [r for r in find_regions(gm) if ".h.0." in r.producer + "."]
+    assert [(r.producer.rsplit(".", 1)[-1], r.linears[0].rsplit(".", 1)[-1], r.fold is not None) for r in block] == [
+        ("ln_1", "c_attn", True), ("c_attn", "c_proj", True), ("ln_2", "c_fc", True), ("act", "c_proj", False)]
+    assert block[1].fold.head_dim == 8
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    ref = gm(ids)
+    g = torch.Generator().manual_seed(2)
+    for r in [r for r in find_regions(gm) if r.fold is not None]:
+        apply_scale([gm], r, 4.0 ** (torch.rand(r.channels, generator=g, dtype=torch.float64) * 2 - 1))
+    out = gm(ids)
+    assert (out - ref).abs().max() / ref.abs().max() < 1e-10

@@ -73,9 +73,7 @@ def test_quarot_rotations_are_exact_in_float64(family, tie, token_ids):
     # OPT's and GPT-2's LayerNorms (now RMSNorms on a centred stream) compute in float64
     assert _rel(_logits(gm, token_ids), ref) < (1e-10 if family in LAYER_NORM else 1e-6)
     online = [n for n in gm.graph.nodes if n.target is HADAMARD]
-    # per block: before down_proj, on queries and on keys; GPT-2's fused c_attn is cut by aten.split,
-    # which the regions do not follow to v's rows, so its attention output takes an online one too (not R2)
-    assert len(online) == 2 * (4 if family == "gpt2" else 3)
+    assert len(online) == 2 * 3  # per block: before down_proj, on queries and on keys
     assert torch.equal(model(token_ids).logits, ref)
     if tie:  # the embedding and the head now hold different tensors
         tables = [n.args[0].target for n in gm.graph.nodes if n.target is torch.ops.aten.embedding.default]
