@@ -80,10 +80,12 @@ class _FakeQuantRun(Interpreter):
         return torch.nn.functional.linear(xf, wf, None if b is None else b.float()).to(x.dtype)
 
 
-def learn_rotations(model: torch.nn.Module, recipe: Recipe, batches: list[torch.Tensor], steps: int = 100,
+def learn_rotations(model: torch.nn.Module, recipe: Recipe | str, batches, steps: int = 100,
                     lr: float = 1.5, progress: bool = True) -> dict[str, torch.Tensor]:
     """Rotations {"R1": (D, D), "R2.<o_proj path>": (hd, hd)} (float32, CPU) learned on `batches`
-    (token ids (B, S) each, cycled) for `steps` Cayley steps of size `lr`."""
+    (token ids (B, S) each, cycled) for `steps` Cayley steps of size at most `lr`."""
+    recipe = Recipe.parse(recipe) if isinstance(recipe, str) else recipe
+    batches = list(batches)
     if not batches:
         raise ValueError("learn_rotations: give at least one calibration batch")
     gm = canonicalize_linears(capture(model))

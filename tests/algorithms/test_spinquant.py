@@ -31,7 +31,7 @@ def test_learned_rotations_lower_the_quantized_loss_on_their_data():
     model = tiny_model("llama")
     ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
     recipe = Recipe.parse("spinquant w4 g-1 a4")
-    rotations = learn_rotations(model, recipe, list(ids.split(1)), steps=30, lr=1.5, progress=False)
+    rotations = learn_rotations(model, "spinquant w4 g-1 a4", ids.split(1), steps=30, lr=1.5, progress=False)
     assert set(rotations) == {"R1", "R2.model.layers.0.self_attn.o_proj", "R2.model.layers.1.self_attn.o_proj"}
     for r in rotations.values():
         torch.testing.assert_close(r @ r.T, torch.eye(r.shape[0]), rtol=0, atol=1e-5)
