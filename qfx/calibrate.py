@@ -42,8 +42,11 @@ def calibrate(prepared: GraphModule, batches: Iterable[torch.Tensor], progress: 
               device: torch.device | str | None = None) -> int:
     """Calibrate and choose the quantized weights of `prepared` block by block.
 
-    batches: token ids (B, S) each. device: where each stage runs (default: where the model is;
-        give "cuda" for a model in CPU memory to calibrate it one block at a time on the GPU).
+    batches: token ids (B, S) each. Larger B means fewer, larger passes over each block (the
+        CLI's --calib-batch-size); the statistics are the same up to float rounding. AWQ's scale
+        search runs on the first batches holding `recipe.search_samples` samples.
+    device: where each stage runs (default: where the model is; give "cuda" for a model in CPU
+        memory to calibrate it one block at a time on the GPU).
     Returns the number of calibration tokens. `qfx.convert(prepared)` then builds the model.
     """
     batches = list(batches)
@@ -60,11 +63,12 @@ def calibrate(prepared: GraphModule, batches: Iterable[torch.Tensor], progress: 
     stream = [{placeholder: b.to(device)} for b in batches]
     fp_stream = [dict(e) for e in stream] if recipe.weight_method == "gptaq" else None
     last_use = _last_use(stages)
+    n_search = _batches_holding(batches, recipe.search_samples)
     bar = tqdm(stages, desc="calibrate", unit="block", disable=not progress)
     with torch.no_grad():
         for i, stage in enumerate(bar):
             bar.set_postfix_str(stage.name)
-            work = _StageRun(prepared, stage, recipe, device, home)
+            work = _StageRun(prepared, stage, recipe, device, home, n_search)
             if not work.planned and not any(last_use.get(n, -1) > i for n in stage.outputs):
                 continue  # e.g. the suffix when the head stays in full precision
             if not work.planned:  # prefix: nothing to quantize, both streams alike
@@ -88,6 +92,16 @@ def calibrate(prepared: GraphModule, batches: Iterable[torch.Tensor], progress: 
     return tokens
 
 
+def _batches_holding(batches: list[torch.Tensor], samples: int) -> int:
+    """How many leading batches it takes to hold `samples` samples (all of them if fewer)."""
+    held = 0
+    for i, b in enumerate(batches):
+        held += b.shape[0] if b.dim() > 1 else 1
+        if held >= samples:
+            return i + 1
+    return len(batches)
+
+
 def _last_use(stages: list[Stage]) -> dict[str, int]:
     last: dict[str, int] = {}
     for i, s in enumerate(stages):
@@ -107,8 +121,10 @@ def _store(stream: list[dict], stage: Stage, outs: list[tuple], last_use: dict[s
 class _StageRun:
     """One stage on the compute device: its planned linears, observers and passes over data."""
 
-    def __init__(self, gm: GraphModule, stage: Stage, recipe: Recipe, device: torch.device, home: torch.device):
+    def __init__(self, gm: GraphModule, stage: Stage, recipe: Recipe, device: torch.device, home: torch.device,
+                 n_search: int):
         self.gm, self.stage, self.recipe, self.device, self.home = gm, stage, recipe, device, home
+        self.n_search = n_search  # leading batches AWQ's scale search runs on
         self.module = stage.module
         self.module.meta["qfx"] = {"recipe": gm.meta["qfx"]["recipe"]}
         self.planned = plans(self.module)
@@ -187,7 +203,7 @@ class _StageRun:
             apply_scale([self.module, self.gm], r, s)
 
     def awq(self, stream: list[dict], regions: list[Region], asymmetric_clip: bool) -> None:
-        n_search = self.recipe.search_samples
+        n_search = self.n_search
         targets = self._collect_channels(stream, keep_limit=n_search)
         applied: dict[str, torch.Tensor] = {}
         for r in self._foldable(regions, "awq"):

@@ -27,11 +27,18 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="evaluation text: a .txt/.json/.jsonl path, wiki-summaries, or hf:NAME[:CONFIG[:SPLIT]]")
     p.add_argument("--eval-windows", type=int, default=None, help="number of windows to evaluate (default: all)")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per evaluation window and calibration sample")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="windows per forward pass")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype the model runs in")
     p.add_argument("--json", action="store_true", help="end with one JSON line of results on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--sq-alpha", default="0.5", help="SmoothQuant migration strength in [0, 1], or 'search'")
     q.add_argument("--gptaq-alpha", type=float, default=0.25, help="GPTAQ: weight of the correction towards "
                    "the full-precision outputs (0 = GPTQ)")
-    q.add_argument("--search-samples", type=int, default=16, help="AWQ: calibration samples its scale search runs on")
+    q.add_argument("--search-samples", type=_positive_int, default=16, help="AWQ: calibration samples its scale search runs on")
     q.add_argument("--kv-bits", type=int, default=16, help="KV-cache bits (asymmetric, per token and head); "
                    "16 = not quantized")
     q.add_argument("--kv-group", type=int, default=0, help="KV cache: group size along the head dim (0 = whole head)")
@@ -80,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "only the block being calibrated goes to --device")
     q.add_argument("--recipe", default=None, help="a whole recipe string instead of the flags above")
     q.add_argument("--calib", default="wiki-summaries", help="calibration text source (used when the recipe needs it)")
-    q.add_argument("--calib-samples", type=int, default=128, help="calibration samples of --seq-len tokens")
+    q.add_argument("--calib-samples", type=_positive_int, default=128, help="calibration samples of --seq-len tokens")
+    q.add_argument("--calib-batch-size", type=_positive_int, default=8, help="calibration samples per pass through a "
+                   "block (more is faster and needs more memory for activations)")
     q.add_argument("--seed", type=int, default=0, help="seed for drawing calibration samples")
     q.add_argument("--no-fp-eval", action="store_true", help="skip evaluating the full-precision model")
     q.add_argument("--output", default=None, help="folder to save the quantized model to (written atomically)")
@@ -202,7 +211,7 @@ def cmd_quantize(a: argparse.Namespace) -> dict:
         t_cal = time.time()
         if a.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        qfx.calibrate(prepared, samples.split(1), progress=progress, device=a.device)
+        qfx.calibrate(prepared, samples.split(a.calib_batch_size), progress=progress, device=a.device)
         calib_seconds += time.time() - t_cal
         calib_used = int(samples.shape[0])
     qmodel = qfx.convert(prepared)

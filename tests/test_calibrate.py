@@ -118,3 +118,17 @@ def test_folded_scales_save_and_reload_exactly(tmp_path):
     qfx.save(q, tmp_path / "q")
     ids = _calib(1)[0]
     assert torch.equal(qfx.load(tmp_path / "q")(ids), q(ids))
+
+
+@pytest.mark.parametrize("recipe", ["gptq w4 g16", "awq+ w4 g16 asym search2", "smoothquant w8 g0 a8"])
+def test_batching_the_samples_gives_the_same_model(recipe):
+    """Four samples one at a time or two by two: the same statistics (float64, so rounding in a
+    different summation order cannot flip a code), and AWQ searches on the same two samples."""
+    samples = torch.cat([b[:1] for b in _calib(4)])  # (4, 12)
+    weights = []
+    for batches in (samples.split(1), samples.split(2)):
+        q = qfx.quantize(_model(), recipe, calib=batches, progress=False, dtype=torch.float64)
+        weights.append({k: v for k, v in q.state_dict().items() if k.endswith(("qweight", "w_scale", "w_zero"))})
+    assert weights[0].keys() == weights[1].keys() and len(weights[0]) > 0
+    for k, v in weights[0].items():
+        torch.testing.assert_close(weights[1][k], v, rtol=1e-9, atol=0, msg=k)

@@ -1,7 +1,9 @@
 """Per-input-channel statistics for scale searches (SmoothQuant, AWQ), and a sample of rows.
 
 For x (..., K): abs max (K,), mean of |x| (K,), and up to `max_rows` rows drawn at fixed
-strides from each batch (for AWQ's clip search, which needs real inputs, not summaries).
+strides from each sequence (for AWQ's clip search, which needs real inputs, not summaries).
+Rows are drawn per sequence of x (B, S, K), so batching the calibration samples draws the same
+rows as feeding them one at a time.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ from qfx.observers.range import ObserverError
 
 
 class ChannelStatsObserver(torch.nn.Module):
-    def __init__(self, in_features: int, name: str = "", rows_per_batch: int = 64, max_rows: int = 2048) -> None:
+    def __init__(self, in_features: int, name: str = "", rows_per_sequence: int = 64, max_rows: int = 2048) -> None:
         super().__init__()
         self.name = name
-        self.rows_per_batch = rows_per_batch
+        self.rows_per_sequence = rows_per_sequence
         self.max_rows = max_rows
         self.register_buffer("abs_max", torch.zeros(in_features))
         self.register_buffer("abs_sum", torch.zeros(in_features, dtype=torch.float64))
@@ -34,8 +36,10 @@ class ChannelStatsObserver(torch.nn.Module):
         self.abs_sum = self.abs_sum.to(a.device) + a.sum(0, dtype=torch.float64)
         self.n_tokens += rows.shape[0]
         if sum(r.shape[0] for r in self.rows) < self.max_rows:
-            stride = max(1, rows.shape[0] // self.rows_per_batch)
-            self.rows.append(rows[::stride][: self.rows_per_batch].clone())
+            seqs = rows.reshape(-1, x.shape[-2] if x.dim() > 2 else rows.shape[0], rows.shape[-1])  # (B, S, K)
+            stride = max(1, seqs.shape[1] // self.rows_per_sequence)
+            picked = seqs[:, ::stride][:, : self.rows_per_sequence].reshape(-1, rows.shape[-1])
+            self.rows.append(picked[: self.max_rows - sum(r.shape[0] for r in self.rows)].clone())
         return x
 
     def abs_mean(self) -> torch.Tensor:
