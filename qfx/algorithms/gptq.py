@@ -45,6 +45,43 @@ def inverse_hessian_cholesky(h: torch.Tensor, damp: float, retries: int = 4) -> 
     raise HessianError(f"Hessian not positive definite even with damping {damp * 10**retries:g}")
 
 
+def gptq_block_ref(w1: torch.Tensor, hinv1: torch.Tensor, cols: list[int], codes: torch.Tensor,
+                   scale: torch.Tensor, zero: torch.Tensor | None, bits: int, symmetric: bool, group: int,
+                   static: bool, clip_ratio: float) -> torch.Tensor:
+    """One lazy batch of GPTQ's columns (original indices `cols`) in PyTorch; on CUDA the Triton
+    kernel `qfx.lowering.kernels.gptq_block` runs the same loop in one launch.
+
+    w1 (N, width): the batch's current columns, used as scratch; codes (N, K) and, for non-static groups, scale / zero
+    (N, G) are written at the batch's columns and groups. Returns e (N, width), each column's
+    error over its inverse-Hessian pivot, for the update of the columns after the batch.
+    """
+    err1 = torch.zeros_like(w1)
+    width = w1.shape[1]
+    for i, col in enumerate(cols):
+        gi = col // group
+        if not static and col % group == 0:  # a new group: qparams from the freshest weights
+            fresh = w1[:, i : i + group]
+            lo, hi = fresh.amin(1) * clip_ratio, fresh.amax(1) * clip_ratio
+            s, z = P.choose_qparams(lo, hi, bits, symmetric)
+            scale[:, gi] = s
+            if zero is not None:
+                zero[:, gi] = z
+        s_col = scale[:, gi : gi + 1]
+        z_col = None if zero is None else zero[:, gi : gi + 1]
+        q = P.quantize(w1[:, i : i + 1], s_col, z_col, bits)
+        dq = P.dequantize(q, s_col, z_col, bits)[:, 0]
+        codes[:, col] = q[:, 0]
+        e = (w1[:, i] - dq) / hinv1[i, i]
+        w1[:, i:width] -= e.unsqueeze(1) * hinv1[i, i:width].unsqueeze(0)
+        err1[:, i] = e
+    return err1
+
+
+def _use_kernel(w: torch.Tensor) -> bool:
+    """Lazy batches run as one Triton launch each on CUDA in float32 (the kernel's only dtype)."""
+    return w.is_cuda and w.dtype == torch.float32
+
+
 def gptq_quantize(
     w: torch.Tensor,
     h: torch.Tensor,
@@ -58,7 +95,8 @@ def gptq_quantize(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """GPTQ of w (N, K) against Hessian h (K, K).
 
-    Runs on w's device, in float32 (float64 inputs stay float64).
+    Runs on w's device, in float32 (float64 inputs stay float64); on CUDA in float32 each lazy
+    batch of columns is one Triton launch (`qfx.lowering.kernels.gptq_block`).
     Returns codes (N, K) uint8, scale (N, G) float32, zero (N, G) uint8 or None, in the
     layout of `qfx.primitives` (groups contiguous in the original column order). With
     act_order, columns are visited by decreasing Hessian diagonal and group qparams are
@@ -90,31 +128,19 @@ def gptq_quantize(
     h = h[perm][:, perm]
     hinv = inverse_hessian_cholesky(h, damp)
 
+    # lazy batches of whole groups, so a group's qparams come from columns of one batch
+    width = block_size if static else max(1, block_size // g) * g
+    fused = _use_kernel(w)
     codes = torch.zeros(n, k, dtype=torch.uint8, device=dev)
-    for i1 in range(0, k, block_size):
-        i2 = min(i1 + block_size, k)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = int(perm[i1 + i])  # original column index
-            gi = col // g
-            if not static and col % g == 0:  # a new group: qparams from the freshest weights
-                # columns past this block still miss this block's pending updates: apply them
-                rest = min(g - (i2 - i1 - i), k - i2)
-                tail = w[:, i2 : i2 + max(rest, 0)] - err1[:, :i] @ hinv[i1 : i1 + i, i2 : i2 + max(rest, 0)]
-                fresh = torch.cat([w1[:, i:], tail], dim=1)[:, :g]
-                s, z = _qparams(fresh, bits, symmetric, clip_ratio)
-                scale[:, gi] = s[:, 0]
-                if zero is not None:
-                    zero[:, gi] = z[:, 0]
-            s_col = scale[:, gi : gi + 1]
-            z_col = None if zero is None else zero[:, gi : gi + 1]
-            q = P.quantize(w1[:, i : i + 1], s_col, z_col, bits)
-            dq = P.dequantize(q, s_col, z_col, bits)[:, 0]
-            codes[:, col] = q[:, 0]
-            e = (w1[:, i] - dq) / hinv1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = e
+    for i1 in range(0, k, width):
+        i2 = min(i1 + width, k)
+        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        if fused:
+            from qfx.lowering.kernels.gptq_block import gptq_block
+
+            err1 = gptq_block(w1, hinv1, perm[i1:i2], codes, scale, zero, bits, symmetric, g, static, clip_ratio)
+        else:
+            err1 = gptq_block_ref(w1, hinv1, perm[i1:i2].tolist(), codes, scale, zero, bits, symmetric, g, static,
+                                  clip_ratio)
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     return codes, scale.float(), zero
