@@ -20,6 +20,7 @@ import json
 import platform
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +58,8 @@ def _last_json(out: str) -> dict:
 
 def run_qfx(method: str, setting: str, a, fp: bool) -> dict:
     cmd = [sys.executable, "-m", "qfx.cli", "quantize", "--method", method, *SETTINGS[setting], *common_args(a),
-           "--search-samples", str(a.search_samples), "--spin-steps", str(a.spin_steps), "--json", "--quiet"]
+           "--search-samples", str(a.search_samples), "--spin-steps", str(a.spin_steps),
+           "--calib-batch-size", str(a.calib_batch_size), "--json", "--quiet"]
     if not fp:
         cmd.append("--no-fp-eval")
     r = _last_json(subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout)
@@ -126,6 +128,7 @@ def main() -> None:
     p.add_argument("--eval-windows", type=int, default=None, help="default: all 147 windows")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-batch-size", type=int, default=8, help="qfx: calibration samples per pass through a block")
     p.add_argument("--search-samples", type=int, default=16, help="qfx AWQ: samples its scale search runs on")
     p.add_argument("--spin-steps", type=int, default=100, help="qfx SpinQuant: Cayley SGD steps")
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded) or its .gguf file")
@@ -145,7 +148,28 @@ def main() -> None:
     import torch
     import transformers
 
-    header = {
+    with tempfile.TemporaryDirectory() as folder:
+        if a.model.endswith(".gguf") or a.model == "smollm2-135m":
+            a.model = convert_once(a.model, Path(folder))
+        run_grid(a, header(a, torch, transformers))
+
+
+def convert_once(model: str, folder: Path) -> str:
+    """A GGUF is dequantized on every load: write it once as a HF folder all cells load (the
+    same bf16 weights and tokenizer)."""
+    from qfx.models import load_hf
+
+    m, tok = load_hf(model)
+    m.hf_quantizer = None  # the weights are already dequantized to bf16: save them as they are
+    if hasattr(m.config, "quantization_config"):
+        del m.config.quantization_config
+    m.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def header(a, torch, transformers) -> dict:
+    return {
         "date": datetime.date.today().isoformat(),
         "command": "python benchmarks/accuracy.py " + " ".join(sys.argv[1:]),
         "device": a.device,
@@ -155,11 +179,15 @@ def main() -> None:
         "protocol": f"WikiText-2 test ({WIKITEXT.name}, rows joined by newlines), non-overlapping windows of "
         f"{a.seq_len} tokens from the start ({a.eval_windows or 'all'} windows); model in bfloat16; head in "
         f"bfloat16; calibration: {a.calib_samples} x {a.seq_len} tokens drawn with seed 0 from wiki-summaries "
-        "(Wikipedia lead sections, not the evaluation text); block-by-block calibration; qfx AWQ searches on "
+        "(Wikipedia lead sections, not the evaluation text); block-by-block calibration, qfx running "
+        f"{a.calib_batch_size} samples per pass through a block; qfx AWQ searches on "
         f"{a.search_samples} samples; qfx SpinQuant takes {a.spin_steps} Cayley steps, one sample each; "
         "W4A4 is int4 per-channel symmetric weights and int4 per-token activations; peak_mem_mb is the process's peak RSS on CPU, peak allocated GPU memory "
         "during calibration on CUDA",
     }
+
+
+def run_grid(a, header: dict) -> None:
     only = set(a.only) if a.only else None
     rows: list[dict] = []
     for i, (method, setting) in enumerate(GRIDS[a.grid]):
