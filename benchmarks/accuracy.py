@@ -33,6 +33,7 @@ SETTINGS = {
     "W8A8": ["--w-bits", "8", "--w-group", "0", "--a-bits", "8"],
     "W4A4 KV16": ["--w-bits", "4", "--w-group", "-1", "--w-sym", "--a-bits", "4"],
     "W16A16 KV4": ["--w-bits", "16", "--kv-bits", "4"],
+    "W16A16 KV4 g32": ["--w-bits", "16", "--kv-bits", "4", "--kv-group", "32"],
 }
 WEIGHT_ONLY = ["rtn", "gptq", "gptaq", "awq", "awq+"]
 GRIDS = {
@@ -45,7 +46,7 @@ GRIDS = {
     # rotations (QuaRot, SpinQuant): low-bit activations and KV cache
     "rotation": [(m, "W4A4 KV16") for m in ("rtn", "gptq", "quarot", "quarot,gptq", "spinquant", "spinquant,gptq")]
     + [(m, "W4A8 g64 sym") for m in ("rtn", "gptq", "gptaq", "quarot,gptq", "spinquant,gptq")]
-    + [(m, "W16A16 KV4") for m in ("rtn", "quarot")],
+    + [(m, s) for s in ("W16A16 KV4", "W16A16 KV4 g32") for m in ("rtn", "quarot")],
 }
 # the llm-compressor recipe standing for each qfx method (see peer_llmcompressor.py)
 PEER_METHODS = {"rtn": "rtn", "gptq": "gptq", "awq": "awq", "smoothquant": "smoothquant",
