@@ -17,20 +17,15 @@ import torch
 from qfx.observers.range import ObserverError
 
 
-ROWS_PER_CHUNK = 4096  # float32 copies of at most this many rows at a time (4096 x 14336 x 4 B = 235 MB)
-
-
-def _weighted_chunks(x: torch.Tensor, first_token_weight: float):
-    """x (B, S, K) or (S, K) -> (rows (n, K) float32, per-row weights (n, 1)), n <= ROWS_PER_CHUNK:
-    a batch of many long samples never needs a float32 copy of all its rows at once."""
-    x = x.detach()
-    seq = x.shape[-2] if x.dim() >= 2 else 1
-    flat = x.reshape(-1, x.shape[-1])
-    for start in range(0, flat.shape[0], ROWS_PER_CHUNK):
-        rows = flat[start : start + ROWS_PER_CHUNK].float()
-        position = torch.arange(start, start + rows.shape[0], device=rows.device) % seq
-        weights = torch.where(position == 0, first_token_weight, 1.0).to(rows.dtype).unsqueeze(1)
-        yield rows, weights
+def _weighted_rows(x: torch.Tensor, first_token_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, S, K) or (S, K) -> rows (n, K) float32, and per-row weights (n, 1)."""
+    rows = x.detach().float()
+    if rows.dim() == 2:
+        rows = rows.unsqueeze(0)
+    rows = rows.reshape(-1, rows.shape[-2], rows.shape[-1])  # (B, S, K)
+    weights = torch.ones(rows.shape[:2], device=rows.device)
+    weights[:, 0] = first_token_weight
+    return rows.reshape(-1, rows.shape[-1]), weights.reshape(-1, 1)
 
 
 class HessianObserver(torch.nn.Module):
@@ -56,20 +51,20 @@ class HessianObserver(torch.nn.Module):
         if not torch.isfinite(rows).all():
             raise ObserverError(f"non-finite values (NaN/inf) in calibration activations at {self.name or '?'}")
 
-    def _accumulate(self, buf: torch.Tensor, weighted_lhs: torch.Tensor, rhs: torch.Tensor, total: float):
-        # running mean keeps magnitudes bounded however many tokens arrive; addmm_ adds in place
-        buf.mul_(self.weight_sum / total).addmm_(weighted_lhs.T, rhs, alpha=2.0 / total)
+    def _accumulate(self, buf: torch.Tensor, lhs: torch.Tensor, rhs: torch.Tensor, w: torch.Tensor, total: float):
+        # running mean keeps magnitudes bounded however many tokens arrive
+        buf.mul_(self.weight_sum / total).add_((lhs * w).T @ rhs, alpha=2.0 / total)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        for rows, w in _weighted_chunks(x, self.first_token_weight):
-            self._check(rows)
-            self._allocate(rows.device)
-            total = self.weight_sum + float(w.sum())
-            self._accumulate(self.hessian, rows * w, rows, total)
-            self.weight_sum = total
-            self.n_tokens += rows.shape[0]
+        rows, w = _weighted_rows(x, self.first_token_weight)
+        self._check(rows)
+        self._allocate(rows.device)
+        total = self.weight_sum + float(w.sum())
+        self._accumulate(self.hessian, rows, rows, w, total)
+        self.weight_sum = total
+        self.n_tokens += rows.shape[0]
         return x
 
     def release(self) -> None:
@@ -100,18 +95,19 @@ class AsymmetricHessianObserver(HessianObserver):
         if self._fp_rows is None or self._fp_rows.shape != x.shape:
             raise ObserverError(f"{self.name or '?'}: GPTAQ needs the full-precision input of each batch first "
                                 "(run it through qfx.calibrate)")
-        fp_chunks = _weighted_chunks(self._fp_rows, self.first_token_weight)
-        for (rows, w), (fp_rows, _) in zip(_weighted_chunks(x, self.first_token_weight), fp_chunks):
-            self._check(rows)
-            self._check(fp_rows)
-            self._allocate(rows.device)
-            if self.delta_cross.numel() == 0:
-                self.delta_cross = torch.zeros_like(self.hessian)
-            total = self.weight_sum + float(w.sum())
-            self._accumulate(self.hessian, rows * w, rows, total)
-            self._accumulate(self.delta_cross, (fp_rows.to(rows.device) - rows).mul_(w), rows, total)
-            self.weight_sum = total
-            self.n_tokens += rows.shape[0]
+        rows, w = _weighted_rows(x, self.first_token_weight)
+        fp_rows, _ = _weighted_rows(self._fp_rows, self.first_token_weight)
+        self._check(rows)
+        self._check(fp_rows)
+        self._allocate(rows.device)
+        if self.delta_cross.numel() == 0:
+            self.delta_cross = torch.zeros_like(self.hessian)
+        fp_rows = fp_rows.to(rows.device)
+        total = self.weight_sum + float(w.sum())
+        self._accumulate(self.hessian, rows, rows, w, total)
+        self._accumulate(self.delta_cross, fp_rows - rows, rows, w, total)
+        self.weight_sum = total
+        self.n_tokens += rows.shape[0]
         self._fp_rows = None
         return x
 

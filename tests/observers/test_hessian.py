@@ -1,17 +1,10 @@
 import pytest
 import torch
 
-import qfx.observers.hessian
 from qfx.observers import HessianObserver, ObserverError
 
 
-@pytest.fixture(params=[4096, 4], ids=["whole-batch", "chunks-of-4-rows"])
-def chunk(request, monkeypatch):
-    """Rows go through the observer in float32 chunks; 4 rows cut across the windows."""
-    monkeypatch.setattr(qfx.observers.hessian, "ROWS_PER_CHUNK", request.param)
-
-
-def test_hessian_is_mean_of_2xtx_over_all_tokens(chunk):
+def test_hessian_is_mean_of_2xtx_over_all_tokens():
     g = torch.Generator().manual_seed(0)
     batches = [torch.randn(2, 5, 8, generator=g, dtype=torch.float64) for _ in range(3)]
     obs = HessianObserver(8)
@@ -28,7 +21,7 @@ def test_hessian_refuses_nan():
         HessianObserver(2, name="fc1")(torch.tensor([[1.0, float("inf")]]))
 
 
-def test_first_token_of_each_window_counts_first_token_weight_times(chunk):
+def test_first_token_of_each_window_counts_first_token_weight_times():
     g = torch.Generator().manual_seed(1)
     batches = [torch.randn(2, 6, 4, generator=g) for _ in range(2)]
     obs = HessianObserver(4, first_token_weight=5.0)
@@ -49,7 +42,7 @@ def test_disabled_observer_collects_nothing():
     assert obs.n_tokens == 0 and not obs.hessian.any()
 
 
-def test_asymmetric_observer_pairs_full_precision_and_quantized_inputs(chunk):
+def test_asymmetric_observer_pairs_full_precision_and_quantized_inputs():
     from qfx.observers import AsymmetricHessianObserver
 
     g = torch.Generator().manual_seed(2)
