@@ -99,7 +99,8 @@ def write(rows: list[dict], a, header: dict) -> None:
         gap = ""
         if ppl_fp and r["setting"] in rtn and r["method"] != "rtn" and rtn[r["setting"]] > ppl_fp:
             gap = f"{(rtn[r['setting']] - r['ppl']) / (rtn[r['setting']] - ppl_fp):.0%}"
-        lines.append(f"| {r['setting']} | {r['method']} | {r['tool']} | {r['ppl']:.3f} | {gap} | "
+        method = r["method"] + (f" ({r['run']})" if r.get("run") else "")
+        lines.append(f"| {r['setting']} | {method} | {r['tool']} | {r['ppl']:.3f} | {gap} | "
                      f"{r['calib_seconds']:.0f} | {r['peak_mem_mb']:.0f} |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
