@@ -28,20 +28,22 @@ SHAPES = {  # LlamaConfig fields
 }
 
 
-def random_model(shape: str):
+def random_model(shape: str, init_device: str = "cpu"):
+    """The model in CPU memory, bf16; matrices N(0, 0.02) drawn on `init_device` (drawing 8B
+    normals on one CPU thread takes minutes, on a GPU a second)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     model = model.to_empty(device="cpu").to(torch.bfloat16)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=init_device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 p.fill_(1.0)
             else:
-                p.normal_(0.0, 0.02, generator=g)
+                p.copy_(torch.empty(p.shape, device=init_device, dtype=p.dtype).normal_(0.0, 0.02, generator=g))
         model.model.rotary_emb.__init__(cfg)  # its buffers were left empty on the meta device
     return model.eval()
 
@@ -61,7 +63,7 @@ def main() -> None:
 
     rows = []
     for shape in a.shapes.split(","):
-        model = random_model(shape)
+        model = random_model(shape, init_device="cuda" if a.device.startswith("cuda") else "cpu")
         vocab = SHAPES[shape]["vocab_size"]
         g = torch.Generator().manual_seed(1)
         calib = torch.randint(0, vocab, (a.samples, a.seq_len), generator=g).split(a.batch_size)

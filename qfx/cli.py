@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ damping (fraction of the mean Hessian diagonal)")
     q.add_argument("--no-act-order", dest="act_order", action="store_false",
                    help="GPTQ: visit columns left to right (default: by decreasing Hessian diagonal)")
+    q.add_argument("--no-range-search", dest="range_search", action="store_false",
+                   help="GPTQ: min-max group ranges (default: each row's range shrunk where that lowers the "
+                   "Hessian-weighted rounding error)")
     q.add_argument("--sink-weight", type=float, default=16.0,
                    help="GPTQ/GPTAQ: weight of each calibration window's first token in the Hessian (1 = plain mean)")
     q.add_argument("--sq-alpha", default="0.5", help="SmoothQuant migration strength in [0, 1], or 'search'")
@@ -125,6 +128,8 @@ def recipe_string(a: argparse.Namespace) -> str:
         parts.append(f"damp{a.damp}")
     if not a.act_order:
         parts.append("no-act-order")
+    if not a.range_search:
+        parts.append("no-range-search")
     if a.sink_weight != 16.0:
         parts.append(f"sink{a.sink_weight}")
     if a.sq_alpha != "0.5":

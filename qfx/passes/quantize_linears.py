@@ -105,7 +105,8 @@ def _gptq_weight_tensors(w: torch.Tensor, spec: QuantSpec, hessian: HessianObser
     if isinstance(hessian, AsymmetricHessianObserver):  # GPTAQ: GPTQ towards the full-precision outputs
         w = asymmetric_target(w, hessian.hessian, hessian.delta_cross, recipe.damp, recipe.gptaq_alpha)
     codes, scale, zero = gptq_quantize(w, hessian.hessian, spec.bits, spec.symmetric, group, damp=recipe.damp,
-                                       act_order=recipe.act_order, clip_ratio=spec.clip_ratio)
+                                       act_order=recipe.act_order, clip_ratio=spec.clip_ratio,
+                                       range_search=recipe.range_search)
     if spec.scale_dtype == "model":  # keep the GPTQ codes; round scales as the spec asks
         scale = _round_scale(scale, spec, w.dtype)
     out = {"qweight": P.pack(codes, spec.bits), "w_scale": scale}

@@ -101,3 +101,53 @@ def test_singular_hessian_retries_then_raises():
     h = -torch.eye(8)  # negative definite: no damping ratio of its mean diagonal fixes it
     with pytest.warns(UserWarning, match="not positive definite"), pytest.raises(HessianError):
         gptq_quantize(torch.randn(2, 8), h, 4, True, None)
+
+
+def _grid_search_reference(w, h_diag, bits, sym, grid, min_shrink):
+    """Row by row, shrink by shrink, in float64: the shrink with the least weighted error (first wins ties)."""
+    n = w.shape[0]
+    scales, zeros = torch.zeros(n, 1, dtype=torch.float64), torch.zeros(n, 1, dtype=torch.float64)
+    for r in range(n):
+        best = None
+        for i in range(grid + 1):
+            p = 1.0 - (1.0 - min_shrink) * i / grid
+            s, z = P.choose_qparams(w[r : r + 1].min() * p, w[r : r + 1].max() * p, bits, sym)
+            dq = P.dequantize(P.quantize(w[r : r + 1], s, z, bits), s, z, bits)
+            err = float((((w[r : r + 1] - dq) ** 2) * h_diag).sum())
+            if best is None or err < best[0]:
+                best = (err, float(s), 0.0 if z is None else float(z))
+        scales[r], zeros[r] = best[1], best[2]
+    return scales, zeros
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_range_search_matches_a_row_by_row_reference(sym):
+    from qfx.algorithms.gptq import search_qparams
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(12, 32, generator=g, dtype=torch.float64) * torch.rand(12, 1, generator=g, dtype=torch.float64)
+    w[:, 5] *= 6  # an outlier column: shrinking the range clips it
+    h_diag = torch.rand(32, generator=g, dtype=torch.float64) + 0.1
+    scale, zero = search_qparams(w, h_diag, 3, sym, 1.0, grid=10, min_shrink=0.5)
+    ref_scale, ref_zero = _grid_search_reference(w, h_diag, 3, sym, 10, 0.5)
+    torch.testing.assert_close(scale.double(), ref_scale, rtol=1e-6, atol=0)
+    if not sym:
+        assert torch.equal(zero.double(), ref_zero)
+    # and never worse than min-max, strictly better on some row
+    mm_scale, mm_zero = P.choose_qparams(w.amin(1, keepdim=True), w.amax(1, keepdim=True), 3, sym)
+
+    def err(s, z):
+        return (((w - P.dequantize(P.quantize(w, s, z, 3), s, z, 3)) ** 2) * h_diag).sum(1)
+
+    assert (err(scale, zero) <= err(mm_scale, mm_zero) + 1e-12).all()
+    assert (err(scale, zero) < err(mm_scale, mm_zero) - 1e-9).any()
+
+
+def test_range_search_lowers_gptq_output_error_at_3_bits():
+    w, h, x = _problem(16, 64, seed=4)
+    w[:, 7] *= 5
+    losses = {}
+    for search in (False, True):
+        codes, scale, zero = gptq_quantize(w.double(), h.double(), 3, False, 16, act_order=True, range_search=search)
+        losses[search] = _proxy_loss(w.double(), codes, scale.double(), zero, 3, 16, x.double())
+    assert losses[True] < losses[False]

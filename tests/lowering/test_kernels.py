@@ -79,7 +79,9 @@ def test_wint_a16_matches_reference(bits, group, sym, dtype):
     assert rel_err(out, wint_a16_ref(x, kw, bias)) < TOL[dtype]
 
 
-@pytest.mark.parametrize("cfg", [Config(16, 32, 32, split_k=3), Config(32, 64, 64, split_k=2), Config(16, 16, 16)])
+@pytest.mark.parametrize("cfg", [Config(16, 32, 32, split_k=3), Config(32, 64, 64, split_k=2), Config(16, 16, 16),
+                                 Config(16, 32, 32, split_k=3, variant="tiled-once"),
+                                 Config(32, 64, 64, variant="tiled-once")])
 def test_wint_a16_split_k_and_tiles(cfg):
     kw, _ = make_weight(72, 160, 4, 32, False)
     x = rand_x(5, 160, torch.bfloat16)
@@ -90,7 +92,7 @@ def test_wint_a16_split_k_and_tiles(cfg):
 
 @pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (4, 128, True), (8, 0, False), (3, 48, False)])
 @pytest.mark.parametrize("cfg", [Config(1, 32, 64, 1, variant="gemv"), Config(1, 16, 128, 2, variant="gemv"),
-                                 Config(16, 32, 0, variant="dequant")])
+                                 Config(1, 16, 32, 8, variant="gemv"), Config(16, 32, 0, variant="dequant")])
 def test_wint_a16_gemv_and_dequant_variants(bits, group, sym, cfg):
     kw, _ = make_weight(72, 290, bits, group, sym)
     bias = torch.randn(72).to(torch.bfloat16).to(DEVICE)
@@ -109,12 +111,12 @@ def test_wint_a16_fp8_weights():
 
 @settings(max_examples=8, deadline=None)
 @given(m=st.integers(1, 40), n=st.integers(1, 70), k_groups=st.integers(1, 5), bits=st.sampled_from([2, 3, 4, 8]),
-       sym=st.booleans())
-def test_wint_a16_drawn_shapes(m, n, k_groups, bits, sym):
+       sym=st.booleans(), variant=st.sampled_from(["tiled", "tiled-once"]))
+def test_wint_a16_drawn_shapes(m, n, k_groups, bits, sym, variant):
     k = 32 * k_groups - 7  # a short last group
     kw, _ = make_weight(n, k, bits, 32, sym, seed=m * n)
     x = rand_x(m, k, torch.bfloat16, seed=k)
-    out = wint_a16_linear(x, kw, config=Config(16, 32, 32, split_k=2))
+    out = wint_a16_linear(x, kw, config=Config(16, 32, 32, split_k=2, variant=variant))
     assert rel_err(out, wint_a16_ref(x, kw)) < TOL[torch.bfloat16]
 
 
@@ -134,7 +136,11 @@ def test_int8_activation_gemm_matches_reference(bits, group, rows, dtype):
 
 @pytest.mark.parametrize("fmt", ["w8", "w4g64", "fp8"])
 @pytest.mark.parametrize("cfg", [Config(16, 32, 64, split_k=3), Config(32, 32, 32, variant="prequant"),
-                                 Config(16, 64, 32, split_k=2, variant="prequant")])
+                                 Config(16, 64, 32, split_k=2, variant="prequant"),
+                                 # BLOCK_K above the group: cut to it for every variant
+                                 Config(16, 32, 128, variant="prequant"),
+                                 Config(16, 32, 128, split_k=2, variant="prequant-once"),
+                                 Config(16, 32, 64, variant="tiled-once")])
 def test_act_quant_split_k_and_prequant(fmt, cfg):
     kw, _ = {"w8": lambda: make_weight(56, 300, 8, 0, True, int8_rows=True),
              "w4g64": lambda: make_weight(56, 300, 4, 64, True),

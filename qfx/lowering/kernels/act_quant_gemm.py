@@ -22,8 +22,7 @@ import triton.language as tl
 from qfx.lowering.kernels import interpreting, tuning
 from qfx.lowering.kernels.layout import KernelWeight, dequantize_kernel_weight
 from qfx.lowering.kernels.tuning import Config
-from qfx.lowering.kernels.wint_a16 import fit_block_k, load_packed_codes, tile_ids
-
+from qfx.lowering.kernels.wint_a16 import fit_block_k, load_packed_codes, load_packed_codes_once, tile_ids
 
 
 @triton.jit
@@ -82,7 +81,7 @@ def _act_quant_gemm_kernel(
     M, N, K, GROUP, stride_xm, stride_ym, SPLIT_K,
     BITS: tl.constexpr, CONTAINER: tl.constexpr, ROWS: tl.constexpr, FP8: tl.constexpr,
     A_MODE: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-    EXACT_FP8_CAST: tl.constexpr,
+    EXACT_FP8_CAST: tl.constexpr, UNPACK_ONCE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """A_MODE 0: x float, scales per row computed here (dynamic); 1: x float, one static scale
@@ -121,7 +120,11 @@ def _act_quant_gemm_kernel(
             w = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :],
                         other=0.0)
         else:
-            w = (load_packed_codes(w_ptr, offs_k, offs_n, mask_k, mask_n, N, CONTAINER) - (1 << (BITS - 1))).to(tl.int8)
+            if UNPACK_ONCE:
+                codes = load_packed_codes_once(w_ptr, k0, offs_n, mask_n, K, N, CONTAINER, BLOCK_K, BLOCK_N)
+            else:
+                codes = load_packed_codes(w_ptr, offs_k, offs_n, mask_k, mask_n, N, CONTAINER)
+            w = (codes - (1 << (BITS - 1))).to(tl.int8)
         if FP8:
             part = tl.dot(a, w)
         else:
@@ -149,10 +152,11 @@ def _act_quant_gemm_kernel(
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def candidates(m: int, group: int, k: int) -> list[Config]:
+def candidates(m: int, group: int, k: int, packed: bool = False) -> list[Config]:
     """Explicit configs by M bucket; int8/fp8 dots want BLOCK_K >= 32. Above M = 64 the
     activations are quantized by a separate pass ("prequant"), so the GEMM reads int8/e4m3 x once
-    per N tile instead of re-quantizing it in every one."""
+    per N tile instead of re-quantizing it in every one. For packed (int4..) weights each config
+    also comes as "<variant>-once": each word of a W tile loaded once and shifted per code."""
     if m <= 16:
         cfgs = [Config(16, n, bk, s, 4, st) for n, bk, s, st in
                 [(64, 128, 1, 4), (64, 256, 2, 3), (32, 256, 4, 4), (128, 128, 4, 4), (64, 128, 8, 4), (32, 128, 1, 4),
@@ -169,6 +173,8 @@ def candidates(m: int, group: int, k: int) -> list[Config]:
         cfgs = [Config(bm, n, bk, 1, w, st, variant="prequant") for bm, n, bk, w, st in
                 [(128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (128, 128, 64, 4, 4), (256, 128, 128, 8, 3),
                  (128, 128, 128, 4, 4), (128, 256, 64, 8, 4)]]
+    if packed:
+        cfgs += [c._replace(variant=c.variant + "-once") for c in cfgs]
     return [fit_block_k(c, group, k) for c in cfgs]
 
 
@@ -194,7 +200,7 @@ def launch(x2, kw: KernelWeight, a_scale, bias, cfg: Config) -> torch.Tensor:
     cfg = fit_block_k(cfg, kw.group, kw.k)
     out_dtype = x2.dtype
     a_mode = 1 if a_scale is not None else 0
-    if a_mode == 0 and cfg.variant == "prequant":
+    if a_mode == 0 and cfg.variant.startswith("prequant"):
         x2, a_scale = quantize_rows(x2, kw.fp8)
         a_mode = 2
     m = x2.shape[0]
@@ -208,7 +214,7 @@ def launch(x2, kw: KernelWeight, a_scale, bias, cfg: Config) -> torch.Tensor:
         m, kw.n, kw.k, kw.group if grouped else 1 << 30, x2.stride(0), y.stride(0), cfg.split_k,
         BITS=kw.bits, CONTAINER=kw.container, ROWS=kw.layout == "rows", FP8=kw.fp8,
         A_MODE=a_mode, GROUPED=grouped, HAS_BIAS=bias is not None, ATOMIC=atomic,
-        EXACT_FP8_CAST=kw.fp8 and interpreting(),
+        EXACT_FP8_CAST=kw.fp8 and interpreting(), UNPACK_ONCE=cfg.variant.endswith("-once") and kw.layout == "packed",
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -225,7 +231,8 @@ def act_quant_linear(x: torch.Tensor, kw: KernelWeight, a_scale: torch.Tensor | 
         m = x2.shape[0]
         key = (f"act_quant/{tuning.m_bucket(m)}/{kw.n}/{kw.k}/{kw.bits}/{kw.fp8}/{kw.group}/"
                f"{a_scale is not None}/{x.dtype}")
-        config = tuning.pick(key, candidates(m, kw.group, kw.k), lambda c: launch(x2, kw, a_scale, bias, c))
+        config = tuning.pick(key, candidates(m, kw.group, kw.k, packed=kw.layout == "packed"),
+                             lambda c: launch(x2, kw, a_scale, bias, c))
     return launch(x2, kw, a_scale, bias, config).reshape(*x.shape[:-1], kw.n)
 
 

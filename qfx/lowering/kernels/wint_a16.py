@@ -13,6 +13,9 @@ Two more variants, picked by timing like any config:
   so one scale and zero per column), multiplies the codes by x on the CUDA cores, and applies
   scale and zero once per chunk: sum_k x_k (u_k - z) s = s (sum_k x_k u_k - z sum_k x_k).
 - "dequant" (large M, compute bound): one pass writes W^T in x's dtype, then cuBLAS multiplies.
+- "tiled-once": the tiled kernel loading each word of a tile once and shifting it per_word
+  ways (a (rows, per_word, BLOCK_N) block reshaped to (BLOCK_K, BLOCK_N)), instead of
+  loading it per_word times.
 """
 
 from __future__ import annotations
@@ -48,6 +51,21 @@ def load_packed_codes(w_ptr, offs_k, offs_n, mask_k, mask_n, N, CONTAINER: tl.co
 
 
 @triton.jit
+def load_packed_codes_once(w_ptr, k0, offs_n, mask_n, K, N, CONTAINER: tl.constexpr, BLOCK_K: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+    """The same (BLOCK_K, BLOCK_N) codes for K rows k0.. (k0 a multiple of per_word), each word
+    loaded once and shifted per_word ways, instead of loaded per_word times."""
+    PER_WORD: tl.constexpr = 32 // CONTAINER
+    ROWS: tl.constexpr = BLOCK_K // PER_WORD
+    rows = k0 // PER_WORD + tl.arange(0, ROWS)
+    words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :],
+                    mask=(rows < tl.cdiv(K, PER_WORD))[:, None] & mask_n[None, :], other=0)  # (ROWS, BLOCK_N)
+    shifts = tl.arange(0, PER_WORD) * CONTAINER
+    codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << CONTAINER) - 1)  # (ROWS, PER_WORD, BLOCK_N)
+    return tl.reshape(codes, (BLOCK_K, BLOCK_N))  # row r * PER_WORD + j is K row k0 + r * PER_WORD + j
+
+
+@triton.jit
 def codes_to_float(u):
     """Unsigned int32 codes (< 2^23) to float32 without a conversion instruction (which runs at a
     quarter of the FMA rate and bounded these kernels): 0x4B000000 | u is the float 2^23 + u."""
@@ -59,7 +77,7 @@ def _wint_a16_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     M, N, K, GROUP, stride_xm, stride_ym, SPLIT_K,
     BITS: tl.constexpr, CONTAINER: tl.constexpr, W_FP8: tl.constexpr, HAS_ZERO: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, INTERPRET: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, INTERPRET: tl.constexpr, UNPACK_ONCE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -80,7 +98,11 @@ def _wint_a16_kernel(
             w = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None],
                         mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
         else:
-            w = codes_to_float(load_packed_codes(w_ptr, offs_k, offs_n, mask_k, mask_n, N, CONTAINER))
+            if UNPACK_ONCE:
+                codes = load_packed_codes_once(w_ptr, k0, offs_n, mask_n, K, N, CONTAINER, BLOCK_K, BLOCK_N)
+            else:
+                codes = load_packed_codes(w_ptr, offs_k, offs_n, mask_k, mask_n, N, CONTAINER)
+            w = codes_to_float(codes)
             if HAS_ZERO:
                 w = w - tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0)[None, :]
             else:
@@ -177,7 +199,10 @@ def candidates(m: int, group: int, k: int) -> list[Config]:
     """Explicit configs by M bucket (H100-sized); BLOCK_K is cut to divide the group."""
     gemv = [Config(1, n, bk, s, w, st, variant="gemv") for n, bk, s, w, st in
             [(128, 512, 1, 4, 3), (64, 512, 1, 4, 3), (128, 256, 2, 4, 3), (256, 512, 1, 8, 3), (64, 1024, 1, 4, 2),
-             (128, 512, 2, 4, 3), (32, 1024, 1, 2, 3), (128, 1024, 4, 4, 2)]]
+             (128, 512, 2, 4, 3), (32, 1024, 1, 2, 3), (128, 1024, 4, 4, 2),
+             # split K further: N / BLOCK_N alone is fewer programs than an H100 has SMs
+             (64, 256, 8, 4, 3), (128, 256, 8, 4, 3), (64, 256, 16, 4, 2), (128, 128, 16, 4, 2),
+             (32, 512, 8, 2, 3), (256, 256, 8, 8, 3), (64, 512, 4, 4, 3)]]
     if m == 1:
         return gemv + [Config(16, 64, 128, 1, 4, 4), Config(16, 64, 128, 4, 4, 4)]
     if m <= 16:
@@ -199,6 +224,7 @@ def candidates(m: int, group: int, k: int) -> list[Config]:
                  (256, 128, 64, 8, 3), (128, 128, 128, 8, 3)]]
         if m >= 512:
             cfgs += [Config(16, 128, 0, variant="dequant"), Config(32, 64, 0, variant="dequant")]
+    cfgs += [c._replace(variant="tiled-once") for c in cfgs if c.variant == "tiled"]
     return [fit_block_k(c, group, k) for c in cfgs]
 
 
@@ -213,7 +239,7 @@ def fit_block_k(cfg: Config, group: int, k: int) -> Config:
     if group >= k:  # per channel
         return cfg
     bk = cfg.block_k
-    if cfg.variant != "tiled":
+    if cfg.variant not in ("tiled", "tiled-once", "prequant", "prequant-once"):
         return cfg
     while group % bk and bk > 16:
         bk //= 2
@@ -249,7 +275,7 @@ def launch(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, cfg: C
             ATOMIC=atomic, CHUNK=gemv_chunk(cfg, kw.group, kw.k), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return y.to(x2.dtype) if atomic else y
-    if cfg.variant != "tiled":  # a variant that does not apply here (e.g. gemv for M > 1)
+    if cfg.variant not in ("tiled", "tiled-once"):  # a variant that does not apply here (e.g. gemv for M > 1)
         cfg = fit_block_k(Config(16 if m <= 16 else 64, 64, 64), kw.group, kw.k)
     atomic = cfg.split_k > 1
     y = (torch.zeros if atomic else torch.empty)((m, kw.n), device=x2.device,
@@ -260,6 +286,7 @@ def launch(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, cfg: C
         m, kw.n, kw.k, group, x2.stride(0), y.stride(0), cfg.split_k,
         BITS=kw.bits, CONTAINER=kw.container if not kw.fp8 else 8, W_FP8=kw.fp8, HAS_ZERO=kw.zero is not None,
         HAS_BIAS=bias is not None, ATOMIC=atomic, INTERPRET=interpreting(),
+        UNPACK_ONCE=cfg.variant == "tiled-once" and not kw.fp8,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
