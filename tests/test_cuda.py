@@ -24,7 +24,9 @@ def test_quantize_on_cuda_matches_cpu(recipe, tmp_path):
     with torch.no_grad():
         out = cuda_q(ids.cuda())
         assert out.is_cuda
-        assert _sqnr(cpu_q(ids), out.cpu()) > 30  # same codes up to rounding ties; different matmul kernels
+        # same codes up to rounding ties (different matmul kernels); in GPTQ a tie that rounds the
+        # other way feeds back into the later columns and blocks, on 64 calibration tokens strongly
+        assert _sqnr(cpu_q(ids), out.cpu()) > (20 if recipe.startswith("gptq") else 30)
     windows = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
     assert perplexity(cuda_q, windows, device="cuda", progress=False) == pytest.approx(
         perplexity(cpu_q, windows, progress=False), rel=0.01)
