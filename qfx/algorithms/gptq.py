@@ -28,19 +28,19 @@ def _qparams(w: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float):
 
 def search_qparams(w: torch.Tensor, h_diag: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float,
                    grid: int = 20, min_shrink: float = 0.7):
-    """Qparams of columns w (N, g) from the range min/max * clip_ratio * p, with p per row the
+    """Qparams of groups w (..., g) from the range min/max * clip_ratio * p, with p per group the
     one of `grid` + 1 steps in [min_shrink, 1] that minimises sum_k h_k (w_k - dq(w_k))^2:
-    the rounding error weighted by the inputs' energy h_diag (g,) (the Hessian's diagonal).
-    -> scale (N, 1), zero (N, 1) or None. p = 1 (min-max) wins ties, so the error is never
-    above min-max's.
+    the rounding error weighted by the inputs' energy h_diag (broadcast to w; the Hessian's
+    diagonal). -> scale (..., 1), zero (..., 1) or None. p = 1 (min-max) wins ties, so the
+    error is never above min-max's.
     """
-    lo, hi = w.amin(1, keepdim=True) * clip_ratio, w.amax(1, keepdim=True) * clip_ratio
-    h = h_diag.to(w).unsqueeze(0)
+    lo, hi = w.amin(-1, keepdim=True) * clip_ratio, w.amax(-1, keepdim=True) * clip_ratio
+    h = h_diag.to(w)
     best_err = best_scale = best_zero = None
     for i in range(grid + 1):
         p = 1.0 - (1.0 - min_shrink) * i / grid
         scale, zero = P.choose_qparams(lo * p, hi * p, bits, symmetric)
-        err = ((w - P.dequantize(P.quantize(w, scale, zero, bits), scale, zero, bits)) ** 2 * h).sum(1, keepdim=True)
+        err = ((w - P.dequantize(P.quantize(w, scale, zero, bits), scale, zero, bits)) ** 2 * h).sum(-1, keepdim=True)
         if best_err is None:
             best_err, best_scale, best_zero = err, scale, zero
             continue
@@ -152,16 +152,17 @@ def gptq_quantize(
     zero = None if symmetric else torch.empty(n, n_groups, dtype=torch.uint8, device=dev)
     static = act_order or group_size is None
     if static:  # qparams from the original weights, per contiguous group
-        h_diag = torch.diag(h)
-        for gi in range(n_groups):
-            cols = slice(gi * g, (gi + 1) * g)
-            if range_search:
-                s, z = search_qparams(w[:, cols], h_diag[cols], bits, symmetric, clip_ratio)
-            else:
-                s, z = _qparams(w[:, cols], bits, symmetric, clip_ratio)
-            scale[:, gi] = s[:, 0]
+        if range_search:  # all groups at once: (N, G, g), the short last group padded with zero weight
+            s, z = search_qparams(P.to_groups(w, g), P.to_groups(torch.diag(h), g), bits, symmetric, clip_ratio)
+            scale[:] = s[..., 0]
             if zero is not None:
-                zero[:, gi] = z[:, 0]
+                zero[:] = z[..., 0]
+        else:
+            for gi in range(n_groups):
+                s, z = _qparams(w[:, gi * g : (gi + 1) * g], bits, symmetric, clip_ratio)
+                scale[:, gi] = s[:, 0]
+                if zero is not None:
+                    zero[:, gi] = z[:, 0]
 
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k, device=dev)
     if act_order:  # one step at a time, so that at most two (K, K) copies are alive

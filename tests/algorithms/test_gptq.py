@@ -151,3 +151,13 @@ def test_range_search_lowers_gptq_output_error_at_3_bits():
         codes, scale, zero = gptq_quantize(w.double(), h.double(), 3, False, 16, act_order=True, range_search=search)
         losses[search] = _proxy_loss(w.double(), codes, scale.double(), zero, 3, 16, x.double())
     assert losses[True] < losses[False]
+
+
+def test_range_search_of_a_short_last_group_sees_only_its_columns():
+    from qfx.algorithms.gptq import search_qparams
+
+    w, h, _ = _problem(8, 70, seed=5)  # groups of 16: the last one has 6 columns
+    codes, scale, zero = gptq_quantize(w.double(), h.double(), 3, False, 16, act_order=True, range_search=True)
+    s_last, z_last = search_qparams(w.double()[:, 64:], torch.diag(h.double())[64:], 3, False, 1.0)
+    torch.testing.assert_close(scale[:, -1:].double(), s_last.double())
+    assert torch.equal(zero[:, -1:], z_last)
