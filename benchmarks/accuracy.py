@@ -106,11 +106,15 @@ def write(rows: list[dict], a, header: dict) -> None:
 
 
 def merge(a) -> None:
-    """One table from several runs of this script with the same protocol (their commands listed)."""
+    """One table from several runs of this script with the same protocol (their commands listed).
+    Runs are given oldest first: a later run's cell (tool, method, setting) replaces every row
+    an earlier run had for it."""
     out = Path(a.out)
     rows, commands, header = [], [], {}
     for stem in a.merge:
-        rows += json.loads((out / f"{stem}.json").read_text())
+        later = json.loads((out / f"{stem}.json").read_text())
+        cells = {(r["tool"], r["method"], r["setting"]) for r in later}
+        rows = [r for r in rows if (r["tool"], r["method"], r["setting"]) not in cells] + later
         meta = json.loads((out / f"{stem}_meta.json").read_text())
         commands.append(meta["command"])
         header = {**meta, **header}
@@ -143,7 +147,8 @@ def main() -> None:
     p.add_argument("--tag", default=None, help="suffix of the result files, e.g. cpu")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--merge", nargs="+", default=None, metavar="STEM",
-                   help="combine earlier runs' result files (e.g. accuracy_smollm2_cpu) into one table")
+                   help="combine earlier runs' result files (e.g. accuracy_smollm2_cpu), oldest first, into one "
+                   "table; a later run's cell replaces an earlier one's")
     a = p.parse_args()
     if a.merge:
         return merge(a)
