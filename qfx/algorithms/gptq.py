@@ -55,7 +55,7 @@ def search_qparams(w: torch.Tensor, h_diag: torch.Tensor, bits: int, symmetric: 
 def inverse_hessian_cholesky(h: torch.Tensor, damp: float, retries: int = 4) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, retrying with 10x damping.
 
-    Warns on each retry; raises HessianError when every retry fails. At most three (K, K)
+    Warns on each retry; raises HessianError when every retry fails. At most two (K, K)
     matrices live at once besides h (0.8 GB each for a 14336-wide input).
     """
     mean_diag = torch.mean(torch.diag(h))
