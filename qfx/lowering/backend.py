@@ -8,11 +8,13 @@ Steps on the Dynamo graph:
    (`quantize_on_the_fly`);
 2. on CUDA, lower each `qfx::quantized_linear` that a Triton kernel computes to
    `qfx::kernel_linear` over weights re-packed for that kernel (`lower_kernels`);
-3. hand the graph to Inductor, with the remaining qfx ops' reference implementations as
+3. fuse kernel linears that read the same input (q, k, v; gate, up) into one wider launch
+   (`fuse_siblings`);
+4. hand the graph to Inductor, with the remaining qfx ops' reference implementations as
    decompositions so that Inductor sees plain aten math (on CPU: all of them).
 
 Options: `recipe` (above), `kernels` ("auto": lower on CUDA; "off": never; "on": also under the
-Triton interpreter, for tests), `decompose` (default True); the rest go to Inductor as config
+Triton interpreter, for tests), `fuse_siblings` (default True), `decompose` (default True); the rest go to Inductor as config
 patches. What happened is recorded in `gm.meta["qfx"]` of the graph handed over.
 """
 
@@ -76,6 +78,7 @@ def qfx_backend(gm: GraphModule, example_inputs, options: dict | None = None):
     decompose = options.pop("decompose", True)
     recipe = options.pop("recipe", None)
     kernels = options.pop("kernels", "auto")
+    fuse = options.pop("fuse_siblings", True)
     info = gm.meta.setdefault("qfx", {})
     gm = _own_copy(gm)
     constants = ConstantInputs(gm)
@@ -89,6 +92,10 @@ def qfx_backend(gm: GraphModule, example_inputs, options: dict | None = None):
         from qfx.lowering.lower_kernels import lower_kernels
 
         info.update(lower_kernels(gm, constants.example_inputs(example_inputs), constants))
+        if fuse:
+            from qfx.lowering.fuse_siblings import fuse_sibling_kernels
+
+            info.update(fuse_sibling_kernels(gm, constants.example_inputs(example_inputs), constants))
     constants.prune()
     gm.recompile()
     # compile_fx *replaces* its table with the one given: extend Inductor's own, never drop it

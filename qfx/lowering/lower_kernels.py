@@ -27,7 +27,7 @@ QUANTIZED_LINEAR = torch.ops.qfx.quantized_linear.default
 KERNEL_LINEAR = torch.ops.qfx.kernel_linear.default
 
 
-def _value(node, inputs: dict[Node, torch.Tensor], gm: GraphModule):
+def tensor_behind(node, inputs: dict[Node, torch.Tensor], gm: GraphModule):
     """The real tensor behind a placeholder or get_attr node (None for None)."""
     if node is None:
         return None
@@ -67,18 +67,18 @@ def lower_kernels(gm: GraphModule, example_inputs, constants: ConstantInputs) ->
     lowered, unsupported = 0, []
     for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target == QUANTIZED_LINEAR]:
         x, qw, w_scale, w_zero, bias, w_bits, group_size, in_features, a_bits, a_scale = node.args
-        qweight = _value(qw, inputs, gm)
+        qweight = tensor_behind(qw, inputs, gm)
         if not qweight.is_cuda and not _interpreting():
             unsupported.append(f"{node.name}: weights on {qweight.device}, kernels run on CUDA")
             continue
-        zero = _value(w_zero, inputs, gm)
+        zero = tensor_behind(w_zero, inputs, gm)
         kernel, why = choose_kernel(w_bits, group_size, zero, a_bits, qweight.dtype == torch.float8_e4m3fn,
                                     _x_dtype(node))
         if kernel is None:
             unsupported.append(f"{node.name}: {why}")
             continue
         int8_rows = kernel == "act_quant" and w_bits == 8 and qweight.dtype == torch.uint8
-        kw = kernel_weight(qweight, _value(w_scale, inputs, gm), zero, w_bits, group_size, in_features, int8_rows)
+        kw = kernel_weight(qweight, tensor_behind(w_scale, inputs, gm), zero, w_bits, group_size, in_features, int8_rows)
         check = wint_a16.supported if kernel == "wint_a16" else act_quant_gemm.supported
         if not check(kw):
             unsupported.append(f"{node.name}: shape not supported by {kernel}")

@@ -90,7 +90,8 @@ def test_wint_a16_split_k_and_tiles(cfg):
     assert rel_err(out.view(5, 72), wint_a16_ref(x, kw)) < TOL[torch.bfloat16]
 
 
-@pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (4, 128, True), (8, 0, False), (3, 48, False)])
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (4, 128, True), (8, 0, False), (3, 48, False),
+                                            (2, 32, True)])
 @pytest.mark.parametrize("cfg", [Config(1, 32, 64, 1, variant="gemv"), Config(1, 16, 128, 2, variant="gemv"),
                                  Config(1, 16, 32, 8, variant="gemv"), Config(16, 32, 0, variant="dequant")])
 def test_wint_a16_gemv_and_dequant_variants(bits, group, sym, cfg):
@@ -117,6 +118,16 @@ def test_wint_a16_drawn_shapes(m, n, k_groups, bits, sym, variant):
     kw, _ = make_weight(n, k, bits, 32, sym, seed=m * n)
     x = rand_x(m, k, torch.bfloat16, seed=k)
     out = wint_a16_linear(x, kw, config=Config(16, 32, 32, split_k=2, variant=variant))
+    assert rel_err(out, wint_a16_ref(x, kw)) < TOL[torch.bfloat16]
+
+
+@settings(max_examples=8, deadline=None)
+@given(n=st.integers(1, 70), k=st.integers(1, 300), bits=st.sampled_from([2, 3, 4, 8]), sym=st.booleans(),
+       split_k=st.sampled_from([1, 3]))
+def test_wint_a16_gemv_drawn_shapes(n, k, bits, sym, split_k):
+    kw, _ = make_weight(n, k, bits, 32 if k > 32 else 0, sym, seed=n * k)
+    x = rand_x(1, k, torch.bfloat16, seed=k)
+    out = wint_a16_linear(x, kw, config=Config(1, 32, 64, split_k, variant="gemv"))
     assert rel_err(out, wint_a16_ref(x, kw)) < TOL[torch.bfloat16]
 
 

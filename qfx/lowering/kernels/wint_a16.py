@@ -3,15 +3,16 @@
 W is int (2..8-bit codes, group-wise or per channel, symmetric or with zero points) in the
 "packed" layout, or fp8 per channel in the "rows" layout (see `layout`). Each program owns a
 (BLOCK_M, BLOCK_N) tile of y and walks K in BLOCK_K steps: load a tile of x, load the
-BLOCK_K / per_word word rows of W, unpack and dequantize in float32 with the group's scale
-(BLOCK_K divides the group, so one scale row per step), round to x's dtype, tensor-core dot,
-float32 accumulate. Small M is memory bound and has too few tiles to fill the GPU, so those
+BLOCK_K / per_word word rows of W, unpack to the integers u - z (exact in x's dtype),
+tensor-core dot, and add the float32 product times the group's scale (BLOCK_K divides the
+group, so one scale row per step). The weights are never rounded to x's dtype after scaling. Small M is memory bound and has too few tiles to fill the GPU, so those
 configs split K over `split_k` programs that add float32 partials atomically.
 
 Two more variants, picked by timing like any config:
 - "gemv" (M = 1): no tensor cores; each program reads whole word rows of a K chunk (one group,
   so one scale and zero per column), multiplies the codes by x on the CUDA cores, and applies
-  scale and zero once per chunk: sum_k x_k (u_k - z) s = s (sum_k x_k u_k - z sum_k x_k).
+  scale and zero once per chunk: sum_k x_k (u_k - z) s = s (sum_k x_k u_k - z sum_k x_k). Codes
+  become floats as 1 + u / 2^container (bits placed in the mantissa, no subtraction per code).
 - "dequant" (large M, compute bound): one pass writes W^T in x's dtype, then cuBLAS multiplies.
 - "tiled-once": the tiled kernel loading each word of a tile once and shifting it per_word
   ways (a (rows, per_word, BLOCK_N) block reshaped to (BLOCK_K, BLOCK_N)), instead of
@@ -94,7 +95,7 @@ def _wint_a16_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         g = k0 // GROUP
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0)
-        if W_FP8:  # rows layout (N, K)
+        if W_FP8:  # rows layout (N, K); e4m3 values are exact in bf16 and fp16
             w = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None],
                         mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
         else:
@@ -102,16 +103,19 @@ def _wint_a16_kernel(
                 codes = load_packed_codes_once(w_ptr, k0, offs_n, mask_n, K, N, CONTAINER, BLOCK_K, BLOCK_N)
             else:
                 codes = load_packed_codes(w_ptr, offs_k, offs_n, mask_k, mask_n, N, CONTAINER)
-            w = codes_to_float(codes)
+            # u - z in one subtraction from the float 2^23 + u; an integer below 2^8 in magnitude,
+            # so exact in x's dtype
             if HAS_ZERO:
-                w = w - tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0)[None, :]
+                offset = 8388608.0 + tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0)
             else:
-                w = w - (1 << (BITS - 1))
-        w = (w * s[None, :]).to(a.dtype)
+                offset = 8388608.0 + (1 << (BITS - 1)) + tl.zeros((BLOCK_N,), dtype=tl.float32)
+            w = (codes | 0x4B000000).to(tl.float32, bitcast=True) - offset[None, :]
+        w = w.to(a.dtype)
+        # the step lies in one group (BLOCK_K divides it): its scale multiplies the step's dot
         if INTERPRET:  # the interpreter's bf16 dot is wrong; float32 products of bf16 values are exact
-            acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
+            acc += tl.dot(a.to(tl.float32), w.to(tl.float32)) * s[None, :]
         else:
-            acc += tl.dot(a, w)
+            acc += tl.dot(a, w) * s[None, :]
     if HAS_BIAS:
         if pid_k == 0:
             acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -124,13 +128,30 @@ def _wint_a16_kernel(
 
 
 @triton.jit
+def code_as_mantissa(words, J: tl.constexpr, CONTAINER: tl.constexpr):
+    """Code j of each word as the float32 1 + u / 2^container, in three integer ops: the code's
+    bits are shifted straight to the top of the mantissa and OR-ed with the exponent of 1.0."""
+    TOP: tl.constexpr = 23 - CONTAINER  # where the code's lowest bit must land
+    SHIFT: tl.constexpr = TOP - J * CONTAINER
+    if SHIFT >= 0:
+        placed = words << SHIFT
+    else:
+        placed = words >> (-SHIFT)  # arithmetic shift: the sign copies land above the mask
+    return ((placed & (((1 << CONTAINER) - 1) << TOP)) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _wint_gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, GROUP, SPLIT_K,
     BITS: tl.constexpr, CONTAINER: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     ATOMIC: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y (1, N) for one row x: program (pid_n, pid_k) takes columns pid_n*BLOCK_N.. and every
-    SPLIT_K-th BLOCK_K slice of K, in CHUNK-long pieces that lie in one group."""
+    SPLIT_K-th BLOCK_K slice of K, in CHUNK-long pieces that lie in one group.
+
+    Per chunk and word row r: sum_j x_j (1 + u_j / 2^c) = xs + sum_j x_j u_j / 2^c with
+    xs = sum_j x_j, so sum_j x_j (u_j - z) s = s (2^c (xu - xs) - z xs), xu being the first sum.
+    That is added into a (ROWS, BLOCK_N) accumulator, reduced over rows once at the end."""
     PER_WORD: tl.constexpr = 32 // CONTAINER
     ROWS: tl.constexpr = CHUNK // PER_WORD
     pid_n = tl.program_id(0)
@@ -139,7 +160,7 @@ def _wint_gemv_kernel(
     mask_n = offs_n < N
     offs_r = tl.arange(0, ROWS)
     n_rows = tl.cdiv(K, PER_WORD)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
         for c in tl.static_range(BLOCK_K // CHUNK):
             kc = k0 + c * CHUNK
@@ -147,26 +168,27 @@ def _wint_gemv_kernel(
             words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :],
                             mask=(rows < n_rows)[:, None] & mask_n[None, :], other=0)
             xu = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-            x_sum = tl.zeros((ROWS,), dtype=tl.float32)
+            xs = tl.zeros((ROWS,), dtype=tl.float32)
             for j in tl.static_range(PER_WORD):
                 kk = kc + offs_r * PER_WORD + j
                 xj = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-                xu += xj[:, None] * codes_to_float((words >> (j * CONTAINER)) & ((1 << CONTAINER) - 1))
-                x_sum += xj
+                xu += xj[:, None] * code_as_mantissa(words, j, CONTAINER)
+                xs += xj
             g = tl.minimum(kc, K - 1) // GROUP  # a chunk past K adds 0 (x is 0 there) but must read in bounds
             s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0)
             if HAS_ZERO:
                 z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0)
             else:
                 z = (1 << (BITS - 1)) + tl.zeros((BLOCK_N,), dtype=tl.float32)
-            acc += s * (tl.sum(xu, axis=0) - z * tl.sum(x_sum, axis=0))
+            acc += s[None, :] * ((xu - xs[:, None]) * (1 << CONTAINER) - z[None, :] * xs[:, None])
+    out = tl.sum(acc, axis=0)
     if HAS_BIAS:
         if pid_k == 0:
-            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     if ATOMIC:
-        tl.atomic_add(y_ptr + offs_n, acc, mask=mask_n)
+        tl.atomic_add(y_ptr + offs_n, out, mask=mask_n)
     else:
-        tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
+        tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
@@ -307,6 +329,8 @@ def wint_a16_linear(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None
 
 
 def wint_a16_ref(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The kernel's function in plain PyTorch: dequantize (float32), round to x's dtype, matmul."""
+    """The op's function in plain PyTorch: dequantize (float32), round to x's dtype, matmul. The
+    kernels apply scales after the integer products and so round less; they agree with this to
+    float32 accumulation order and one bf16/fp16 rounding of each weight."""
     w = dequantize_kernel_weight(kw).to(x.dtype)
     return (x.float() @ w.float().T + (0 if bias is None else bias.float())).to(x.dtype)
