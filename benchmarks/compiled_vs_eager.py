@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     model, tokenizer = load_hf(a.model, torch.bfloat16, a.device)
     windows = eval_windows(tokenize(read_text(a.eval), tokenizer), 2048, a.eval_windows)
-    meta = {"date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv),
+    meta = {"date": datetime.date.today().isoformat(), "command": "python " + shlex.join(sys.argv),
             "device": torch.cuda.get_device_name() if a.device.startswith("cuda") else a.device,
             "torch": torch.__version__, "eval_windows": int(windows.shape[0])}
     rows = []
