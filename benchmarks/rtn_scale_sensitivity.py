@@ -1,0 +1,93 @@
+"""How much SmolLM2-135M's RTN perplexity moves when every weight scale is nudged slightly.
+
+    python benchmarks/rtn_scale_sensitivity.py --recipe "w4 g64 sym" --factors 1,1.002,0.998 --eval-windows 8
+
+Each factor multiplies every scale that qfx's range-to-qparams step returns, before the codes
+are chosen; "bf16" rounds the scales to bfloat16 instead (as compressed-tensors stores them);
+"extreme" (symmetric only) picks s = max(-min / 2^(b-1), max / (2^(b-1) - 1)), so the value of
+largest magnitude lands exactly on a code, instead of qfx's s = max|w| / (2^(b-1) - 1/2), which
+puts it on a rounding tie.
+Two quantizers of the same quality can differ this much in perplexity, which bounds what a
+small gap between tools means. Writes rtn_scale_sensitivity_<device>.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import qfx  # noqa: E402
+from qfx import primitives as P  # noqa: E402
+from qfx.data import eval_windows, read_text, tokenize  # noqa: E402
+from qfx.eval import perplexity  # noqa: E402
+from qfx.models import load_hf  # noqa: E402
+
+
+def nudged(choose, factor: str):
+    """`choose_qparams` with its scales multiplied by `factor` (or rounded to bf16)."""
+
+    def choose_nudged(x_min, x_max, bits, symmetric):
+        scale, zero = choose(x_min, x_max, bits, symmetric)
+        if factor == "extreme":
+            if symmetric:
+                half = 1 << (bits - 1)
+                scale = torch.clamp(torch.maximum(-x_min.float().clamp(max=0) / half,
+                                                  x_max.float().clamp(min=0) / (half - 1)), min=1e-12)
+        elif factor == "bf16":
+            scale = scale.to(torch.bfloat16).float()
+        else:
+            scale = scale * float(factor)
+        return scale, zero
+
+    return choose_nudged
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--recipe", default="w4 g64 sym", help="a calibration-free recipe")
+    ap.add_argument("--factors", default="1,1.002,0.998,bf16,extreme",
+                    help="comma list of scale factors, bf16 or extreme (see above)")
+    ap.add_argument("--eval", default=str(ROOT.parent / "shared" / "data" / "wikitext2_test.txt"))
+    ap.add_argument("--eval-windows", type=int, default=8)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    a = ap.parse_args(argv)
+    model, tokenizer = load_hf("smollm2-135m", torch.bfloat16, a.device)
+    windows = eval_windows(tokenize(read_text(a.eval), tokenizer), 2048, a.eval_windows)
+    choose = P.choose_qparams
+    rows = []
+    try:
+        for factor in a.factors.split(","):
+            P.choose_qparams = nudged(choose, factor)
+            q = qfx.quantize(model, a.recipe, progress=False)
+            rows.append({"factor": factor, "ppl": perplexity(q, windows, 1, a.device, False)})
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        P.choose_qparams = choose
+    meta = {"date": datetime.date.today().isoformat(), "command": "python " + shlex.join(sys.argv),
+            "recipe": a.recipe, "eval_windows": int(windows.shape[0]), "device": a.device}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"rtn_scale_sensitivity_{a.device.split(':')[0]}"
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = [f"# RTN scale sensitivity, SmolLM2-135M, `{a.recipe}`", "",
+             f"{meta['date']}, {a.device}, torch {torch.__version__}; WikiText-2 test, {meta['eval_windows']} windows "
+             "of 2048 tokens; model in bf16.", f"Command: `{meta['command']}`", "",
+             "| scales | ppl |", "|---|---|"]
+    names = {"bf16": "rounded to bf16", "extreme": "largest magnitude exactly on a code"}
+    lines += [f"| {names.get(r['factor'], 'x ' + r['factor'])} | {r['ppl']:.3f} |" for r in rows]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
