@@ -3,8 +3,15 @@
 Conventions (the GPTQ / compressed-tensors ones):
 - Integer codes are stored unsigned, u in [0, 2^bits - 1].
 - Asymmetric: w ~ (u - z) * s with an integer zero point z in the same range.
-- Symmetric: w ~ (u - 2^(bits-1)) * s, i.e. signed q = u - 2^(bits-1) in [-2^(b-1), 2^(b-1)-1],
-  with s = max|w| / ((qmax - qmin) / 2) (torchao's choice: the full signed range is used).
+- Symmetric: w ~ (u - 2^(bits-1)) * s, i.e. signed q = u - 2^(bits-1) in [qmin, qmax] =
+  [-2^(b-1), 2^(b-1)-1], with s = max(-min / -qmin, max / qmax): the smallest scale that puts
+  both ends of the range on a code without clipping either (torchao's
+  MappingType.SYMMETRIC_NO_CLIPPING_ERR). The other common rule, s = max|w| / ((qmax - qmin) / 2)
+  (compressed-tensors, torchao's SYMMETRIC), clips a positive maximum to qmax / (qmax + 0.5) of
+  itself; on SmolLM2-135M at int4 g64 it gave RTN a 4 % worse perplexity
+  (benchmarks/results/rtn_scale_sensitivity_cpu.md).
+  Dynamic per-token activations (`quantize_per_token`, and the kernels) keep
+  s = max|x| / ((qmax - qmin) / 2).
 - Groups run along the last (input-feature) dimension; a group size that does not divide it
   leaves a shorter last group. Ranges always include 0, so zero padding never changes them.
 - Packing: `bits` in 2..8, along the last dimension, little-endian bit stream: every 8 codes
@@ -52,14 +59,14 @@ def choose_qparams(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale (float32) and zero point (uint8, asymmetric only) from a range.
 
-    The range is widened to contain 0. Symmetric: zero is None.
+    The range is widened to contain 0. Symmetric: zero is None, and the scale is the smallest
+    that neither clips x_max at qmax nor x_min at qmin (see the module docstring).
     """
     x_min = torch.clamp(x_min.float(), max=0.0)
     x_max = torch.clamp(x_max.float(), min=0.0)
     qmin, qmax = qrange(bits, symmetric)
     if symmetric:
-        amax = torch.maximum(-x_min, x_max)
-        scale = torch.clamp(amax / ((qmax - qmin) / 2), min=_EPS)
+        scale = torch.clamp(torch.maximum(-x_min / -qmin, x_max / qmax), min=_EPS)
         return scale, None
     scale = torch.clamp((x_max - x_min) / (qmax - qmin), min=_EPS)
     zero = torch.clamp(torch.round(qmin - x_min / scale), qmin, qmax).to(torch.uint8)
@@ -127,13 +134,17 @@ def fake_quantize_weight(
 # -- activations ------------------------------------------------------------------------
 
 
-def quantize_per_token(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_per_token(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric dynamic per-token int quantization of x (..., K).
 
-    Returns signed codes (..., K) int8 and scales (..., 1) float32: x ~ q * s.
+    clip_ratio: each row's range is clip_ratio * max|x| (QuaRot clips 4-bit activations at 0.9);
+    values beyond it saturate. Returns signed codes (..., K) int8 and scales (..., 1) float32:
+    x ~ q * s.
     """
     qmin, qmax = qrange(bits, True)
     amax = x.float().abs().amax(-1, keepdim=True)
+    if clip_ratio != 1.0:
+        amax = amax * clip_ratio
     scale = torch.clamp(amax / ((qmax - qmin) / 2), min=_EPS)
     q = torch.clamp(torch.round(x.float() / scale), qmin, qmax).to(torch.int8)
     return q, scale

@@ -49,8 +49,8 @@ def test_weight_round_trip_within_half_step(bits, sym, n, k, group, seed):
     deq = P.dequantize_weight(codes, scale, zero, bits, group)
     step = P.from_groups(scale.unsqueeze(-1).expand(-1, -1, group), k)
     err = (deq - w).abs()
-    # symmetric: the positive max may clip by half a step more (signed range is lopsided)
-    bound = step * (1.0 if sym else 0.5) + 1e-6
+    # neither rule clips its range's ends, so rounding is the only error
+    bound = step * 0.5 * (1 + 1e-5) + 1e-6
     assert bool((err <= bound).all()), float((err - bound).max())
 
 
@@ -84,6 +84,39 @@ def test_codes_match_torchao_affine(bits, sym):
     same = (diff == 0)
     ours_deq = P.dequantize_weight(ours, scale, zero, bits, group)
     torch.testing.assert_close(ours_deq[same], deq[same], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+def test_scales_match_torchao_choose_qparams(bits, sym):
+    from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine
+
+    g = torch.Generator().manual_seed(100 + bits)
+    w = torch.randn(6, 96, generator=g) * torch.rand(6, 1, generator=g)
+    w[0, :32] = w[0, :32].abs()  # a group with no negative value (range widened to 0)
+    w[1, 32:64] = -w[1, 32:64].abs()  # ... and one with no positive value
+    scale, zero = P.weight_qparams(w, bits, sym, 32)
+    qmin, qmax = P.qrange(bits, sym)
+    mapping = MappingType.SYMMETRIC_NO_CLIPPING_ERR if sym else MappingType.ASYMMETRIC
+    s_ao, z_ao = choose_qparams_affine(w, mapping, (1, 32), torch.int8 if sym else torch.uint8, qmin, qmax,
+                                       eps=1e-12, scale_dtype=torch.float32)
+    torch.testing.assert_close(scale, s_ao.reshape(6, 3), rtol=1e-6, atol=0)
+    if not sym:  # torchao keeps the zero point unrounded until it quantizes; qfx stores it rounded
+        torch.testing.assert_close(zero.float(), z_ao.reshape(6, 3).float().round().clamp(qmin, qmax), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_symmetric_scale_puts_both_ends_on_codes_without_clipping(bits):
+    qmin, qmax = P.qrange(bits, True)
+    lo, hi = torch.tensor([-3.0, -1.0, -2.0]), torch.tensor([1.0, 3.0, 2.0])
+    scale, _ = P.choose_qparams(lo, hi, bits, True)
+    torch.testing.assert_close(scale, torch.maximum(-lo / -qmin, hi / qmax))
+    x = torch.stack([lo, hi], -1)  # (3, 2)
+    codes = P.quantize(x, scale.unsqueeze(-1), None, bits)
+    deq = P.dequantize(codes, scale.unsqueeze(-1), None, bits)
+    # the end that sets the scale is exact; the other is inside the range, within half a step
+    assert bool(((deq - x).abs() <= scale.unsqueeze(-1) * 0.5 + 1e-6).all())
+    assert bool((deq.abs().amax(-1) >= x.abs().amax(-1) - 1e-6).all())
 
 
 def test_short_last_group_uses_its_own_range():

@@ -18,14 +18,15 @@ SEQ_LEN, WINDOWS = 256, 8  # 2,048 evaluation tokens: small, but the same window
 
 
 def fake_quant_weight(w: torch.Tensor, bits: int, group: int, sym: bool) -> torch.Tensor:
-    """Min-max RTN of each `group` columns (last group may be shorter), range widened to 0."""
+    """Min-max RTN of each `group` columns (last group may be shorter), range widened to 0;
+    symmetric: the smallest scale with lo on a code >= -2^(b-1) and hi on one <= 2^(b-1) - 1."""
     out = torch.empty_like(w, dtype=torch.float32)
     for start in range(0, w.shape[1], group):
         blk = w[:, start : start + group].float()
         lo = blk.min(dim=1, keepdim=True).values.clamp(max=0)
         hi = blk.max(dim=1, keepdim=True).values.clamp(min=0)
         if sym:
-            s = (torch.maximum(-lo, hi) / ((2**bits - 1) / 2)).clamp(min=1e-12)
+            s = torch.maximum(-lo / 2 ** (bits - 1), hi / (2 ** (bits - 1) - 1)).clamp(min=1e-12)
             out[:, start : start + group] = torch.clamp(torch.round(blk / s), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * s
         else:
             s = ((hi - lo) / (2**bits - 1)).clamp(min=1e-12)
@@ -35,10 +36,10 @@ def fake_quant_weight(w: torch.Tensor, bits: int, group: int, sym: bool) -> torc
     return out
 
 
-def int8_gemm_forward(linear: torch.nn.Linear):
-    """Per-token symmetric int8 activations times the (fake-quantized) weight, accumulated in
-    float32 as an int8 GEMM with float scales would: no rounding of x_q to bf16 in between."""
-    w = linear.weight.detach().float()
+def int8_gemm_forward(w: torch.Tensor):
+    """Per-token symmetric int8 activations times the float32 fake-quantized weight w (N, K),
+    accumulated in float32 as an int8 GEMM with float scales would: neither x_q nor the
+    dequantized weight is rounded to bf16 in between."""
 
     def forward(x):
         s = (x.float().abs().amax(-1, keepdim=True) / 127.5).clamp(min=1e-12)
@@ -54,9 +55,10 @@ def reference_model(model, bits, group, sym, act8):
     for name, mod in ref.named_modules():
         if isinstance(mod, torch.nn.Linear) and name != "lm_head":
             g = mod.in_features if group == 0 else group
-            mod.weight.data = fake_quant_weight(mod.weight.data, bits, g, sym).to(mod.weight.dtype)
+            w = fake_quant_weight(mod.weight.data, bits, g, sym)
+            mod.weight.data = w.to(mod.weight.dtype)
             if act8:
-                mod.forward = int8_gemm_forward(mod)
+                mod.forward = int8_gemm_forward(w)
     return lambda ids: ref(input_ids=ids, use_cache=False).logits
 
 

@@ -24,7 +24,7 @@ def obq_reference(w, h, bits, sym, group, damp):
             blk = w[:, c : c + group]
             lo, hi = blk.min(1).values.clamp(max=0), blk.max(1).values.clamp(min=0)
             if sym:
-                scale = (torch.maximum(-lo, hi) / ((qmax - qmin) / 2)).clamp(min=1e-12)
+                scale = torch.maximum(lo / qmin, hi / qmax).clamp(min=1e-12)  # neither end clipped
                 zero = torch.zeros(n, dtype=torch.float64) - qmin  # codes are stored offset by 2^(b-1)
             else:
                 scale = ((hi - lo) / (qmax - qmin)).clamp(min=1e-12)

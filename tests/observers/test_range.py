@@ -17,7 +17,7 @@ def test_minmax_tracks_global_range_and_passes_input_through():
     obs(b)
     lo, hi = obs.range()
     assert float(lo) == -3.0 and float(hi) == 2.0
-    assert float(obs.symmetric_scale(8)) == pytest.approx(3.0 / 127.5)
+    assert float(obs.symmetric_scale(8)) == pytest.approx(3.0 / 128)  # -3 lands on code -128
 
 
 def test_moving_average_weights_recent_batches():
@@ -44,7 +44,7 @@ def test_mse_observer_clips_heavy_tails():
     obs = MSEObserver()
     obs(x)
     assert obs.best_clip_ratio(4) < 1.0
-    assert float(obs.symmetric_scale(4)) < 40.0 / 7.5  # the min-max scale
+    assert float(obs.symmetric_scale(4)) < 40.0 / 7  # the min-max scale: 40 on code 7
 
 
 @pytest.mark.parametrize("cls", [MinMaxObserver, MovingAverageMinMaxObserver, PercentileObserver, MSEObserver])

@@ -46,8 +46,7 @@ def gptq_block(w1: torch.Tensor, hinv1: torch.Tensor, cols: torch.Tensor, codes:
     gptq_block_kernel[(triton.cdiv(n, block_n),)](
         w1, w1.stride(0), hinv1, hinv1.stride(0), cols, codes, codes.stride(0),
         scale, zero if zero is not None else scale, scale.stride(0), err1, err1.stride(0),
-        n, width, group, float(clip_ratio), float(qmax), float(qmax / 2 if symmetric else qmax),
-        float(1 << (bits - 1)),
+        n, width, group, float(clip_ratio), float(qmax), float(qmax), float(1 << (bits - 1)),
         SYMMETRIC=symmetric, STATIC=static, BLOCK_N=block_n, BLOCK_W=block_w, num_warps=4,
     )
     return err1
@@ -57,7 +56,7 @@ def gptq_block(w1: torch.Tensor, hinv1: torch.Tensor, cols: torch.Tensor, codes:
 def gptq_block_kernel(
     w_ptr, stride_w, hinv_ptr, stride_h, cols_ptr, codes_ptr, stride_c,
     scale_ptr, zero_ptr, stride_s, err_ptr, stride_e,
-    N, WIDTH, GROUP, clip_ratio, qmax, range_div, half,
+    N, WIDTH, GROUP, clip_ratio, qmax, range_div, half,  # range_div: asymmetric qmax - qmin
     SYMMETRIC: tl.constexpr, STATIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -83,7 +82,8 @@ def gptq_block_kernel(
             lo = tl.minimum(lo, 0.0)
             hi = tl.maximum(hi, 0.0)
             if SYMMETRIC:
-                s_new = tl.maximum(tl.math.div_rn(tl.maximum(-lo, hi), range_div), 1e-12)
+                # primitives.choose_qparams: neither end clipped, -lo at -half, hi at half - 1
+                s_new = tl.maximum(tl.maximum(tl.math.div_rn(-lo, half), tl.math.div_rn(hi, half - 1.0)), 1e-12)
                 z_new = z
             else:
                 s_new = tl.maximum(tl.math.div_rn(hi - lo, range_div), 1e-12)
