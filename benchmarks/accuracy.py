@@ -32,6 +32,7 @@ SETTINGS = {
     "W4A8 g64 sym": ["--w-bits", "4", "--w-group", "64", "--w-sym", "--a-bits", "8"],
     "W8A8": ["--w-bits", "8", "--w-group", "0", "--a-bits", "8"],
     "W4A4 KV16": ["--w-bits", "4", "--w-group", "-1", "--w-sym", "--a-bits", "4"],
+    "W4A4 a-clip0.9 KV16": ["--w-bits", "4", "--w-group", "-1", "--w-sym", "--a-bits", "4", "--a-clip", "0.9"],
     "W16A16 KV4": ["--w-bits", "16", "--kv-bits", "4"],
     "W16A16 KV4 g32": ["--w-bits", "16", "--kv-bits", "4", "--kv-group", "32"],
 }
@@ -45,6 +46,7 @@ GRIDS = {
     + [(m, "W8A8") for m in ("rtn", "smoothquant")],
     # rotations (QuaRot, SpinQuant): low-bit activations and KV cache
     "rotation": [(m, "W4A4 KV16") for m in ("rtn", "gptq", "quarot", "quarot,gptq", "spinquant", "spinquant,gptq")]
+    + [(m, "W4A4 a-clip0.9 KV16") for m in ("rtn", "quarot,gptq", "spinquant,gptq")]
     + [(m, "W4A8 g64 sym") for m in ("rtn", "gptq", "gptaq", "quarot,gptq", "spinquant,gptq")]
     + [(m, s) for s in ("W16A16 KV4", "W16A16 KV4 g32") for m in ("rtn", "quarot")],
 }
@@ -189,7 +191,8 @@ def header(a, torch, transformers) -> dict:
         "(Wikipedia lead sections, not the evaluation text); block-by-block calibration, qfx running "
         f"{a.calib_batch_size} samples per pass through a block; qfx AWQ searches on "
         f"{a.search_samples} samples; qfx SpinQuant takes {a.spin_steps} Cayley steps, one sample each; "
-        "W4A4 is int4 per-channel symmetric weights and int4 per-token activations; peak_mem_mb is the process's peak RSS on CPU, peak allocated GPU memory "
+        "W4A4 is int4 per-channel symmetric weights and int4 per-token activations (a-clip0.9: each token's "
+        "range clipped to 0.9 of its max |x|); peak_mem_mb is the process's peak RSS on CPU, peak allocated GPU memory "
         "during calibration on CUDA",
     }
 

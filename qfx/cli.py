@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--w-scale-dtype", choices=["float32", "model"], default="float32",
                    help="weight scales kept in float32, or rounded to the model dtype (exact in serving engines)")
     q.add_argument("--a-bits", type=int, default=16, help="activation bits (symmetric); 16 = not quantized")
+    q.add_argument("--a-clip", type=float, default=1.0, help="activation clip ratio in (0, 1]: each token's "
+                   "range is this times its max |x| (QuaRot uses 0.9 at 4 bits)")
     q.add_argument("--a-static", action="store_true", help="static per-tensor activation scales from calibration "
                    "(default: dynamic per-token)")
     q.add_argument("--fp8", action="store_true", help="fp8 e4m3 weights (per channel) and activations (per token)")
@@ -122,6 +124,8 @@ def recipe_string(a: argparse.Namespace) -> str:
         parts += [f"w{a.w_bits}", f"g{a.w_group}", "sym" if a.w_sym else "asym", f"a{a.a_bits}"]
         if a.w_clip != 1.0:
             parts.append(f"clip{a.w_clip}")
+        if a.a_clip != 1.0:
+            parts.append(f"a-clip{a.a_clip}")
     if a.w_scale_dtype == "model":
         parts.append("scale-model")
     if a.damp != 0.01:

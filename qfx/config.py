@@ -12,7 +12,7 @@ module paths. A recipe string is a short form of the same thing:
 
 Tokens: `wN` weight bits (16 = not quantized), `gN` group size (0 or -1 = per channel),
 `sym`/`asym`, `aN` activation bits (16 = none), `a-static` static per-tensor activations,
-`clipR` weight clip ratio, `fp8`, `scale-model` (weight scales rounded to the model dtype), `kvN`
+`clipR` weight clip ratio, `a-clipR` activation clip ratio, `fp8`, `scale-model` (weight scales rounded to the model dtype), `kvN`
 (KV cache: asymmetric int N per token and head) and `kv-gN` (... in groups of N along the head dim),
 `rot-seedN` (seed of QuaRot's random Hadamard rotations), `spin-stepsN` and `spin-lrX` (SpinQuant),
 `dampX`, `act-order` / `no-act-order` and `range-search` / `no-range-search` (GPTQ options; both
@@ -141,9 +141,18 @@ def weight_spec(
     )
 
 
-def act_spec(bits: int, dynamic: bool = True, fp8: bool = False, scale_dtype: str = "float32") -> QuantSpec:
-    """Activation spec: symmetric, per-token dynamic (default) or per-tensor static."""
+def act_spec(bits: int, dynamic: bool = True, fp8: bool = False, scale_dtype: str = "float32",
+             clip_ratio: float = 1.0) -> QuantSpec:
+    """Activation spec: symmetric, per-token dynamic (default) or per-tensor static.
+
+    clip_ratio: the range is clip_ratio * max|x| of each token (dynamic) or of the observed
+    range (static); int only.
+    """
+    if fp8 and clip_ratio != 1.0:
+        raise ConfigError(f"activation clip ratio {clip_ratio} with fp8: fp8 activations are not clipped; "
+                          "drop the clip ratio")
     return QuantSpec(
+        clip_ratio=clip_ratio,
         scale_dtype=scale_dtype,
         bits=8 if fp8 else bits,
         dtype="fp8" if fp8 else "int",
@@ -331,7 +340,7 @@ class Recipe:
             methods = tuple(tokens[0].split(","))
             tokens = tokens[1:]
         w_bits, group, sym, clip, scale_dtype = 4, 128, True, 1.0, "float32"
-        a_bits, a_dynamic, fp8 = 16, True, False
+        a_bits, a_dynamic, fp8, a_clip = 16, True, False, 1.0
         rules: list[LayerRule] = []
         kv, kv_group = None, 0
         damp, act_order = 0.01, True
@@ -345,6 +354,8 @@ class Recipe:
                 sym = tok == "sym"
             elif m := re.fullmatch(r"a(\d+)", tok):
                 a_bits = int(m[1])
+            elif m := re.fullmatch(r"a-clip(0?\.\d+|1(\.0*)?)", tok):
+                a_clip = float(m[1])
             elif tok == "a-static":
                 a_dynamic = False
             elif m := re.fullmatch(r"clip(0?\.\d+|1(\.0*)?)", tok):
@@ -383,10 +394,12 @@ class Recipe:
                 raise ConfigError(f"recipe token {tok!r} not understood in {text!r} (see qfx.config docstring)")
         if fp8:
             weight = QuantSpec(bits=8, dtype="fp8", granularity="channel", group_size=None, scale_dtype=scale_dtype)
-            act = act_spec(8, a_dynamic, fp8=True, scale_dtype=scale_dtype)
+            act = act_spec(8, a_dynamic, fp8=True, scale_dtype=scale_dtype, clip_ratio=a_clip)
         else:
             weight = None if w_bits == 16 else _checked_weight(w_bits, group, sym, clip, scale_dtype)
-            act = None if a_bits == 16 else act_spec(a_bits, a_dynamic, scale_dtype=scale_dtype)
+            if a_bits == 16 and a_clip != 1.0:
+                raise ConfigError(f"a-clip{a_clip} in {text!r}: activations are not quantized; add aN (e.g. a4)")
+            act = None if a_bits == 16 else act_spec(a_bits, a_dynamic, scale_dtype=scale_dtype, clip_ratio=a_clip)
         kv_spec = None
         if kv is not None and kv != 16:
             kv_spec = QuantSpec(bits=kv, symmetric=False, granularity="group" if kv_group else "token",
@@ -395,7 +408,7 @@ class Recipe:
                       act_order=act_order, **extra)
 
 
-_OPTION = re.compile(r"w\d+|g-?\d+|a\d+|a-static|sym|asym|fp8|scale-model|damp.*|act-order|no-act-order|range-search|no-range-search|kv\d+|kv-g\d+|rot-seed\d+|spin-.*|clip.*|"
+_OPTION = re.compile(r"w\d+|g-?\d+|a\d+|a-static|sym|asym|fp8|scale-model|damp.*|act-order|no-act-order|range-search|no-range-search|kv\d+|kv-g\d+|rot-seed\d+|spin-.*|clip.*|a-clip.*|"
                      r"rule:.*|sink.*|sq-alpha.*|gptaq-alpha.*|search\d+")
 
 

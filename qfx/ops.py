@@ -27,6 +27,7 @@ def quantized_linear(
     in_features: int,
     a_bits: int,
     a_scale: torch.Tensor | None,
+    a_clip: float = 1.0,
 ) -> torch.Tensor:
     """y = act_quant(x) @ dequant(W)^T + bias, in x's dtype.
 
@@ -35,12 +36,15 @@ def quantized_linear(
     per channel). w_zero: (N, G) uint8 zero points, None when symmetric. a_bits: 16 for no
     activation quantization; otherwise symmetric int (or fp8 when qweight is fp8), per
     token when a_scale is None, else with the static per-tensor scale a_scale (scalar).
+    a_clip: per-token int activations use a_clip * max|x| of each row as its range (1.0: no
+    clipping); static scales already hold their clip ratio.
     """
-    return quantized_linear_ref(x, qweight, w_scale, w_zero, bias, w_bits, group_size, in_features, a_bits, a_scale)
+    return quantized_linear_ref(x, qweight, w_scale, w_zero, bias, w_bits, group_size, in_features, a_bits, a_scale,
+                                a_clip)
 
 
 @quantized_linear.register_fake
-def _(x, qweight, w_scale, w_zero, bias, w_bits, group_size, in_features, a_bits, a_scale):
+def _(x, qweight, w_scale, w_zero, bias, w_bits, group_size, in_features, a_bits, a_scale, a_clip=1.0):
     torch._check(x.shape[-1] == in_features, lambda: f"quantized_linear: x has {x.shape[-1]} features, expected {in_features}")
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
@@ -53,23 +57,25 @@ def dequantize_packed(qweight, w_scale, w_zero, w_bits: int, group_size: int, in
     return P.dequantize_weight(codes, w_scale.float(), w_zero, w_bits, group_size or None)
 
 
-def fake_quantize_activation(x: torch.Tensor, a_bits: int, a_scale: torch.Tensor | None, fp8: bool) -> torch.Tensor:
-    """The activation values the quantized matmul sees, as float32."""
+def fake_quantize_activation(x: torch.Tensor, a_bits: int, a_scale: torch.Tensor | None, fp8: bool,
+                             clip_ratio: float = 1.0) -> torch.Tensor:
+    """The activation values the quantized matmul sees, as float32. clip_ratio: per-token int only."""
     if fp8:
         scale = P.fp8_scale(x.float().abs().amax(-1, keepdim=True)) if a_scale is None else a_scale.float()
         return P.fp8_quantize(x, scale).float() * scale
     if a_scale is None:
-        q, scale = P.quantize_per_token(x, a_bits)
+        q, scale = P.quantize_per_token(x, a_bits, clip_ratio)
         return q.float() * scale
     return P.quantize_per_tensor_static(x, a_scale.float(), a_bits).float() * a_scale.float()
 
 
-def quantized_linear_ref(x, qweight, w_scale, w_zero, bias, w_bits, group_size, in_features, a_bits, a_scale):
+def quantized_linear_ref(x, qweight, w_scale, w_zero, bias, w_bits, group_size, in_features, a_bits, a_scale,
+                         a_clip=1.0):
     """Plain-PyTorch reference for `qfx::quantized_linear` (see its docstring)."""
     w = dequantize_packed(qweight, w_scale, w_zero, w_bits, group_size, in_features)
     if a_bits == NO_ACT_QUANT:
         return torch.nn.functional.linear(x, w.to(x.dtype), bias)
-    xq = fake_quantize_activation(x, a_bits, a_scale, fp8=qweight.dtype == P.FP8_DTYPE)
+    xq = fake_quantize_activation(x, a_bits, a_scale, fp8=qweight.dtype == P.FP8_DTYPE, clip_ratio=a_clip)
     y = xq @ w.T  # float32 accumulation, as integer/fp8 GEMMs accumulate exactly or in fp32
     if bias is not None:
         y = y + bias.float()

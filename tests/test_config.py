@@ -28,6 +28,18 @@ def test_parse_fp8_static_clip_and_rules():
     assert r.resolve("model.layers.1.self_attn.q_proj", False)[0].bits == 3
 
 
+def test_parse_activation_clip_ratio():
+    r = Recipe.parse("quarot,gptq w4 g0 a4 a-clip0.9")
+    assert r.act.clip_ratio == 0.9 and r.act.dynamic and r.weight.clip_ratio == 1.0
+    assert Recipe.from_dict(r.to_dict()) == r
+    with pytest.raises(ConfigError, match="activations are not quantized"):
+        Recipe.parse("w4 a-clip0.9")
+    with pytest.raises(ConfigError, match="fp8 activations are not clipped"):
+        Recipe.parse("fp8 a-clip0.9")
+    with pytest.raises(ConfigError, match="not understood"):
+        Recipe.parse("w4 a4 a-clip1.5")
+
+
 def test_head_kept_in_full_precision_unless_asked():
     r = Recipe.parse("w4")
     assert r.resolve("lm_head", is_head=True) == (None, None)

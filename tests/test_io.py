@@ -38,6 +38,18 @@ def test_static_activation_scales_survive_a_round_trip(tmp_path, token_ids):
         assert torch.equal(load(tmp_path / "ck")(token_ids), q(token_ids))
 
 
+def test_activation_clip_ratio_reaches_the_op_and_survives_a_round_trip(tmp_path, token_ids):
+    model = tiny_model("llama")
+    q = qfx.quantize(model, "w4 g0 a4 a-clip0.8")
+    ops = [n for n in q.graph.nodes if n.target is torch.ops.qfx.quantized_linear.default]
+    assert ops and all(n.args[10] == 0.8 for n in ops)
+    with torch.no_grad():
+        assert not torch.equal(q(token_ids), qfx.quantize(model, "w4 g0 a4")(token_ids))
+    save(q, tmp_path / "ck")
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "ck")(token_ids), q(token_ids))
+
+
 def test_existing_output_is_not_overwritten_unless_asked(qmodel, tmp_path):
     out = tmp_path / "ck"
     out.mkdir()

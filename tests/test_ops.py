@@ -51,6 +51,21 @@ def test_dynamic_per_token_activation_quant(a_bits):
     torch.testing.assert_close(y, xq @ _dense_weight(codes, scale, zero, 4, 16).T, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("a_bits", [8, 4])
+def test_activation_clip_ratio_shrinks_each_tokens_range(a_bits):
+    codes, scale, zero = _random_op_inputs(16, 40, 4, 16, True, 0)
+    x = torch.randn(3, 40)
+    x[0, 5] = 12.0  # an outlier that saturates once clipped
+    y = quantized_linear(x, P.pack(codes, 4), scale, zero, None, 4, 16, 40, a_bits, None, 0.9)
+    qmax = (1 << (a_bits - 1)) - 1
+    s = 0.9 * x.abs().amax(-1, keepdim=True) / (qmax + 0.5)
+    xq = torch.clamp(torch.round(x / s), -qmax - 1, qmax) * s
+    assert float(xq[0, 5]) < 0.9 * 12.0  # saturated
+    torch.testing.assert_close(y, xq @ _dense_weight(codes, scale, zero, 4, 16).T, rtol=1e-5, atol=1e-5)
+    unclipped = quantized_linear(x, P.pack(codes, 4), scale, zero, None, 4, 16, 40, a_bits, None)
+    assert not torch.allclose(y, unclipped)
+
+
 def test_static_activation_scale_and_per_channel():
     codes, scale, zero = _random_op_inputs(8, 24, 8, 24, False, 3)
     x = torch.randn(5, 24)

@@ -74,7 +74,8 @@ class _FakeQuantRun(Interpreter):
         x, w, b = args[0], args[1], args[2] if len(args) > 2 else None
         xf, wf = x.float(), w.float()
         if plan.act is not None:
-            xf = _ste(xf, fake_quantize_activation(xf.detach(), plan.act.bits, None, fp8=plan.act.dtype == "fp8"))
+            xf = _ste(xf, fake_quantize_activation(xf.detach(), plan.act.bits, None, fp8=plan.act.dtype == "fp8",
+                                                   clip_ratio=plan.act.clip_ratio))
         if self.quantize_weights:
             wf = _ste(wf, _fake_weight(wf, plan.weight))
         return torch.nn.functional.linear(xf, wf, None if b is None else b.float()).to(x.dtype)

@@ -48,7 +48,8 @@ def quantized_layers(gm: GraphModule) -> list[QuantizedLayer]:
         if not isinstance(plan, LinearPlan):
             raise ExportError(f"quantized op {n.name} carries no plan; export a model from qfx.quantize / qfx.load")
         fetch = lambda a: None if a is None else get_attr_tensor(gm, a.target)  # noqa: E731
-        _x, qw, ws, wz, bias, *_rest, a_scale = n.args
+        _x, qw, ws, wz, bias, *_rest = n.args
+        a_scale = n.args[9]
         layers.append(QuantizedLayer(plan.path, plan, fetch(qw), fetch(ws), fetch(wz), fetch(a_scale), bias is not None))
     return layers
 

@@ -77,6 +77,10 @@ def _act_args(spec: QuantSpec | None) -> dict | None:
 
 def layer_format(layer: QuantizedLayer) -> str:
     w, a = layer.plan.weight, layer.plan.act
+    if a is not None and a.dynamic and a.clip_ratio != 1.0:
+        raise ExportError(f"{layer.path}: activations clipped at {a.clip_ratio} of each token's range; "
+                          "compressed-tensors has no activation clip ratio, so serving engines would compute "
+                          "other values. Quantize without a-clip to export")
     if w.dtype == "fp8":
         return "float-quantized"
     if a is not None and w.bits == 8:

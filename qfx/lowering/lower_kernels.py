@@ -66,7 +66,10 @@ def lower_kernels(gm: GraphModule, example_inputs, constants: ConstantInputs) ->
     inputs = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs))
     lowered, unsupported = 0, []
     for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target == QUANTIZED_LINEAR]:
-        x, qw, w_scale, w_zero, bias, w_bits, group_size, in_features, a_bits, a_scale = node.args
+        x, qw, w_scale, w_zero, bias, w_bits, group_size, in_features, a_bits, a_scale, *rest = node.args
+        if rest and rest[0] != 1.0:
+            unsupported.append(f"{node.name}: activation clip ratio {rest[0]} has no kernel yet")
+            continue
         qweight = tensor_behind(qw, inputs, gm)
         if not qweight.is_cuda and not _interpreting():
             unsupported.append(f"{node.name}: weights on {qweight.device}, kernels run on CUDA")

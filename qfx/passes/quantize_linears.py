@@ -152,7 +152,7 @@ def quantize_linears(gm: GraphModule, allocate_only: bool = False) -> GraphModul
         if RangeObserver in observers and not allocate_only and done is None:
             observer = observers[RangeObserver]
             lo, hi = observer.range()
-            a_scale = observer.symmetric_scale(plan.act.bits) if plan.act.dtype == "int" else P.fp8_scale(
+            a_scale = observer.symmetric_scale(plan.act.bits, plan.act.clip_ratio) if plan.act.dtype == "int" else P.fp8_scale(
                 torch.maximum(-lo, hi))
         if plan.act is not None and not plan.act.dynamic and allocate_only:
             a_scale = torch.empty((), dtype=torch.float32)
@@ -187,6 +187,7 @@ def quantize_linears(gm: GraphModule, allocate_only: bool = False) -> GraphModul
                     plan.in_features,
                     a_bits,
                     attr_nodes.get("a_scale"),
+                    1.0 if plan.act is None or not plan.act.dynamic else plan.act.clip_ratio,
                 ),
             )
         q.meta = dict(node.meta)

@@ -75,6 +75,9 @@ def test_export_refuses_what_the_format_cannot_hold(tmp_path):
     asym88 = qfx.quantize(tiny_model("llama"), "w8 g0 asym a8")
     with pytest.raises(ExportError, match="must be symmetric"):
         qfx.export(asym88, tmp_path / "b", format="compressed-tensors")
+    clipped = qfx.quantize(tiny_model("llama"), "w8 g0 a8 a-clip0.9")
+    with pytest.raises(ExportError, match="no activation clip ratio"):
+        qfx.export(clipped, tmp_path / "d", format="compressed-tensors")
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(qfx.CheckpointError, match="unknown export format"):
         qfx.export(asym88, tmp_path / "c", format="onnx")
