@@ -19,6 +19,7 @@ import datetime
 import json
 import platform
 import subprocess
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -180,7 +181,7 @@ def convert_once(model: str, folder: Path) -> str:
 def header(a, torch, transformers) -> dict:
     return {
         "date": datetime.date.today().isoformat(),
-        "command": "python benchmarks/accuracy.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/accuracy.py " + shlex.join(sys.argv[1:]),
         "device": a.device,
         "machine": torch.cuda.get_device_name() if a.device.startswith("cuda") else platform.machine(),
         "torch": torch.__version__,
