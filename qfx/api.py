@@ -93,7 +93,7 @@ def quantize(
         if not calib:
             raise ConfigError("spinquant learns its rotations from calibration data: pass calib=")
         model = model.to(dtype) if dtype is not None else model
-        rotations = learn_rotations(model, recipe, calib, recipe.spin_steps, recipe.spin_lr, progress)
+        rotations = learn_rotations(model, recipe, calib, recipe.spin_steps, recipe.spin_lr, progress, recipe.spin_batch)
     prepared = prepare(model, recipe, example_inputs, dtype=dtype, rotations=rotations)
     if needs_calibration(prepared):
         if calib is None:

@@ -85,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(R1, R2.<o_proj path>)")
     q.add_argument("--rotation-out", default=None, help="spinquant: write the learned rotations to this "
                    "safetensors file (reuse them with --rotation-path)")
-    q.add_argument("--spin-steps", type=int, default=100, help="spinquant: Cayley SGD steps (one calibration "
-                   "sample each)")
+    q.add_argument("--spin-steps", type=int, default=100, help="spinquant: Cayley SGD steps")
+    q.add_argument("--spin-batch", type=int, default=1, help="spinquant: calibration samples whose gradients each "
+                   "step averages")
     q.add_argument("--spin-lr", type=float, default=1.5, help="spinquant: Cayley SGD step size")
     q.add_argument("--offload", action="store_true", help="keep the model in CPU memory during calibration; "
                    "only the block being calibrated goes to --device")
@@ -152,6 +153,8 @@ def recipe_string(a: argparse.Namespace) -> str:
         parts.append(f"spin-steps{a.spin_steps}")
     if a.spin_lr != 1.5:
         parts.append(f"spin-lr{a.spin_lr}")
+    if a.spin_batch != 1:
+        parts.append(f"spin-batch{a.spin_batch}")
     parts += [f"rule:{r}" for r in a.rule]
     return " ".join(parts)
 
@@ -206,7 +209,8 @@ def cmd_quantize(a: argparse.Namespace) -> dict:
     if "spinquant" in recipe.methods and not recipe.rotation_path:
         samples = calibration_samples(tokenize(read_text(a.calib), tokenizer), a.calib_samples, a.seq_len, a.seed)
         t_cal = time.time()
-        rotations = qfx.learn_rotations(model, recipe, samples.split(1), recipe.spin_steps, recipe.spin_lr, progress)
+        rotations = qfx.learn_rotations(model, recipe, samples.split(1), recipe.spin_steps, recipe.spin_lr, progress,
+                                        recipe.spin_batch)
         calib_seconds, calib_used = time.time() - t_cal, int(samples.shape[0])
         if a.rotation_out:
             from qfx.passes.rotate import save_rotations

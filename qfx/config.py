@@ -14,7 +14,7 @@ Tokens: `wN` weight bits (16 = not quantized), `gN` group size (0 or -1 = per ch
 `sym`/`asym`, `aN` activation bits (16 = none), `a-static` static per-tensor activations,
 `clipR` weight clip ratio, `a-clipR` activation clip ratio, `fp8`, `scale-model` (weight scales rounded to the model dtype), `kvN`
 (KV cache: asymmetric int N per token and head) and `kv-gN` (... in groups of N along the head dim),
-`rot-seedN` (seed of QuaRot's random Hadamard rotations), `spin-stepsN` and `spin-lrX` (SpinQuant),
+`rot-seedN` (seed of QuaRot's random Hadamard rotations), `spin-stepsN`, `spin-lrX` and `spin-batchN` (SpinQuant),
 `dampX`, `act-order` / `no-act-order` and `range-search` / `no-range-search` (GPTQ options; both
 on by default), `sinkX` (weight
 of each calibration window's first token in Hessians, default 16), `sq-alphaX` / `sq-alpha-search`
@@ -221,8 +221,8 @@ class Recipe:
     rotation_seed: seed of the random-sign Hadamard rotations (quarot).
     rotation_path: a safetensors file of rotations to use instead ({"R1": (D, D),
         "R2.<o_proj path>": (head_dim, head_dim)}), e.g. learned ones.
-    spin_steps, spin_lr: SpinQuant's Cayley SGD steps (one calibration sample each, cycled)
-        and step size.
+    spin_steps, spin_lr: SpinQuant's Cayley SGD steps and step size.
+    spin_batch: calibration samples (cycled) whose gradients each SpinQuant step averages.
     """
 
     @property
@@ -248,6 +248,7 @@ class Recipe:
     rotation_path: str | None = None
     spin_steps: int = 100
     spin_lr: float = 1.5
+    spin_batch: int = 1
 
     def __post_init__(self) -> None:
         if self.sink_weight < 1.0:
@@ -283,6 +284,8 @@ class Recipe:
             raise ConfigError(f"Recipe.methods {self.methods}: give one rotation method (quarot or spinquant)")
         if self.spin_steps < 1 or not self.spin_lr > 0:
             raise ConfigError(f"Recipe: spin_steps={self.spin_steps} must be >= 1 and spin_lr={self.spin_lr} > 0")
+        if self.spin_batch < 1:
+            raise ConfigError(f"Recipe: spin_batch={self.spin_batch} must be >= 1 (samples per SpinQuant step)")
 
     def resolve(self, path: str, is_head: bool) -> tuple[QuantSpec | None, QuantSpec | None]:
         """(weight spec, act spec) for the linear at module path `path`."""
@@ -327,6 +330,7 @@ class Recipe:
             rotation_path=d.get("rotation_path"),
             spin_steps=int(d.get("spin_steps", 100)),
             spin_lr=float(d.get("spin_lr", 1.5)),
+            spin_batch=int(d.get("spin_batch", 1)),
         )
 
     @staticmethod
@@ -388,6 +392,8 @@ class Recipe:
                 extra["spin_steps"] = int(m[1])
             elif m := re.fullmatch(r"spin-lr(\d*\.?\d+)", tok):
                 extra["spin_lr"] = float(m[1])
+            elif m := re.fullmatch(r"spin-batch(\d+)", tok):
+                extra["spin_batch"] = int(m[1])
             elif tok.startswith("rule:"):
                 rules.append(_parse_rule(tok[5:]))
             else:

@@ -82,9 +82,11 @@ class _FakeQuantRun(Interpreter):
 
 
 def learn_rotations(model: torch.nn.Module, recipe: Recipe | str, batches, steps: int = 100,
-                    lr: float = 1.5, progress: bool = True) -> dict[str, torch.Tensor]:
+                    lr: float = 1.5, progress: bool = True, batches_per_step: int = 1) -> dict[str, torch.Tensor]:
     """Rotations {"R1": (D, D), "R2.<o_proj path>": (hd, hd)} (float32, CPU) learned on `batches`
-    (token ids (B, S) each, cycled) for `steps` Cayley steps of size at most `lr`."""
+    (token ids (B, S) each, cycled) for `steps` Cayley steps of size at most `lr`; each step
+    averages the gradients of `batches_per_step` consecutive batches (one backward pass each,
+    so memory does not grow with it)."""
     recipe = Recipe.parse(recipe) if isinstance(recipe, str) else recipe
     batches = list(batches)
     if not batches:
@@ -107,19 +109,25 @@ def learn_rotations(model: torch.nn.Module, recipe: Recipe | str, batches, steps
           for i, (k, r) in enumerate(zip(plan.r2_keys(), plan.heads))}
     quantize_weights = recipe.weight_method == "rtn"
     bar = tqdm(range(steps), desc="spinquant", unit="step", disable=not progress)
+    if batches_per_step < 1:
+        raise ValueError(f"learn_rotations: batches_per_step={batches_per_step} must be >= 1")
     for step in bar:
-        ids = batches[step % len(batches)].to(device)
         leaves = [r1.requires_grad_(), *(v.requires_grad_() for v in r2.values())]
-        rotated = rotated_tensors(base, plan, r1, r2)
-        params = {t: v.to(dtypes[t]) for t, v in rotated.items()}
-        out = _FakeQuantRun(gm, params, quantize_weights).run(ids)
-        logits = out[0] if isinstance(out, (tuple, list)) else out
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
-        grads = torch.autograd.grad(loss, leaves)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"spinquant: loss is {loss.item()} at step {step}; lower the learning rate")
+        grads, loss_sum = [torch.zeros_like(v) for v in leaves], 0.0
+        for j in range(batches_per_step):
+            ids = batches[(step * batches_per_step + j) % len(batches)].to(device)
+            rotated = rotated_tensors(base, plan, r1, r2)
+            params = {t: v.to(dtypes[t]) for t, v in rotated.items()}
+            out = _FakeQuantRun(gm, params, quantize_weights).run(ids)
+            logits = out[0] if isinstance(out, (tuple, list)) else out
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+            for g, d in zip(grads, torch.autograd.grad(loss / batches_per_step, leaves)):
+                g += d
+            loss_sum += loss.item()
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"spinquant: loss is {loss.item()} at step {step}; lower the learning rate")
         with torch.no_grad():
             r1 = cayley_step(r1.detach(), grads[0], lr)
             r2 = {k: cayley_step(v.detach(), g, lr) for (k, v), g in zip(r2.items(), grads[1:])}
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss_sum / batches_per_step:.3f}")
     return {"R1": r1.detach().cpu(), **{k: v.detach().cpu() for k, v in r2.items()}}
