@@ -4,9 +4,9 @@
 
 Each factor multiplies every scale that qfx's range-to-qparams step returns, before the codes
 are chosen; "bf16" rounds the scales to bfloat16 instead (as compressed-tensors stores them);
-"extreme" (symmetric only) picks s = max(-min / 2^(b-1), max / (2^(b-1) - 1)), so the value of
-largest magnitude lands exactly on a code, instead of qfx's s = max|w| / (2^(b-1) - 1/2), which
-puts it on a rounding tie.
+"absmax" (symmetric only) picks compressed-tensors' s = max|w| / (2^(b-1) - 1/2), which puts
+the value of largest magnitude on a rounding tie, instead of qfx's
+s = max(-min / 2^(b-1), max / (2^(b-1) - 1)), which puts it exactly on a code.
 Two quantizers of the same quality can differ this much in perplexity, which bounds what a
 small gap between tools means. Writes rtn_scale_sensitivity_<device>.{md,json}.
 """
@@ -37,11 +37,10 @@ def nudged(choose, factor: str):
 
     def choose_nudged(x_min, x_max, bits, symmetric):
         scale, zero = choose(x_min, x_max, bits, symmetric)
-        if factor == "extreme":
+        if factor == "absmax":
             if symmetric:
-                half = 1 << (bits - 1)
-                scale = torch.clamp(torch.maximum(-x_min.float().clamp(max=0) / half,
-                                                  x_max.float().clamp(min=0) / (half - 1)), min=1e-12)
+                amax = torch.maximum(-x_min.float().clamp(max=0), x_max.float().clamp(min=0))
+                scale = torch.clamp(amax / ((1 << (bits - 1)) - 0.5), min=1e-12)
         elif factor == "bf16":
             scale = scale.to(torch.bfloat16).float()
         else:
@@ -54,8 +53,8 @@ def nudged(choose, factor: str):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", default="w4 g64 sym", help="a calibration-free recipe")
-    ap.add_argument("--factors", default="1,1.002,0.998,bf16,extreme",
-                    help="comma list of scale factors, bf16 or extreme (see above)")
+    ap.add_argument("--factors", default="1,1.002,0.998,bf16,absmax",
+                    help="comma list of scale factors, bf16 or absmax (see above)")
     ap.add_argument("--eval", default=str(ROOT.parent / "shared" / "data" / "wikitext2_test.txt"))
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--device", default="cpu")
@@ -83,7 +82,7 @@ def main(argv=None) -> int:
              f"{meta['date']}, {a.device}, torch {torch.__version__}; WikiText-2 test, {meta['eval_windows']} windows "
              "of 2048 tokens; model in bf16.", f"Command: `{meta['command']}`", "",
              "| scales | ppl |", "|---|---|"]
-    names = {"bf16": "rounded to bf16", "extreme": "largest magnitude exactly on a code"}
+    names = {"bf16": "rounded to bf16", "absmax": "max|w| / 7.5 at 4 bits (largest magnitude on a tie)"}
     lines += [f"| {names.get(r['factor'], 'x ' + r['factor'])} | {r['ppl']:.3f} |" for r in rows]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     return 0
