@@ -26,7 +26,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import traceback
 from pathlib import Path
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qfx.config import QuantSpec, weight_spec  # noqa: E402
-from qfx.lowering.kernels import act_quant_gemm, wint_a16  # noqa: E402
+from qfx.lowering.kernels import act_quant_gemm, tuning, wint_a16  # noqa: E402
 from qfx.lowering.kernels.layout import KernelWeight, kernel_weight  # noqa: E402
 from qfx.passes.quantize_linears import op_group_size, quantize_weight_tensors  # noqa: E402
 
@@ -55,29 +54,9 @@ L2_COLD_BYTES = 256 << 20  # the weight copies of one timing graph add up to at 
 
 
 def graph_time_us(calls, replays: int = 15) -> float:
-    """Median time per call of `calls` (zero-arg callables), captured in one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in calls[:3]:  # warm-up: tuning, compilation, allocator
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in calls:
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    return statistics.median(times)
+    """Median time per call of `calls` (zero-arg callables), captured in one CUDA graph; the
+    callers make the L2 cold by rotating weight copies across the calls."""
+    return tuning.graph_time_ms(calls, None, replays) * 1e3 / len(calls)
 
 
 def n_copies(nbytes: int) -> int:

@@ -72,21 +72,25 @@ def _store(path: Path, table: dict[str, list]) -> None:
         pass  # a read-only home still works, tuning again next process
 
 
-def graph_time_ms(fn: Callable[[], object], flush: torch.Tensor, replays: int = 15) -> float:
-    """Median GPU time (ms) of `fn` captured as a CUDA graph, each replay after `flush.zero_()`
-    (which evicts the L2 and keeps the GPU busy while the replay is queued)."""
+def graph_time_ms(calls: list[Callable[[], object]], flush: torch.Tensor | None, replays: int = 15) -> float:
+    """Median GPU time (ms) of one replay of `calls` (zero-argument callables, in order) captured
+    as one CUDA graph. With `flush`, each replay follows `flush.zero_()`, which evicts the L2 and
+    keeps the GPU busy while the replay is queued."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        fn()  # compile, allocate
+        for fn in calls:  # compile, tune, allocate
+            fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
+        for fn in calls:
+            fn()
     times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        flush.zero_()
+        if flush is not None:
+            flush.zero_()
         start.record()
         graph.replay()
         end.record()
@@ -109,7 +113,7 @@ def pick(key: str, candidates: list[Config], run: Callable[[Config], object]) ->
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")  # 5x an H100's L2
     for cfg in candidates:
         try:
-            ms = graph_time_ms(lambda: run(cfg), flush)
+            ms = graph_time_ms([lambda: run(cfg)], flush)
         except Exception:  # e.g. out of shared memory for this tile shape on this GPU
             continue
         if ms < best_ms:
