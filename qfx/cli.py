@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--spin-batch", type=int, default=1, help="spinquant: calibration samples whose gradients each "
                    "step averages")
     q.add_argument("--spin-lr", type=float, default=1.5, help="spinquant: Cayley SGD step size")
+    q.add_argument("--spin-schedule", choices=("constant", "linear"), default="constant",
+                   help="spinquant: keep the step size, or decay it linearly towards 0")
+    q.add_argument("--spin-weights", choices=("auto", "rtn", "float"), default="auto",
+                   help="spinquant: weights while learning: RTN fake-quantized, full precision, or auto (RTN "
+                   "when RTN chooses the final weights, full precision when GPTQ or GPTAQ does)")
     q.add_argument("--offload", action="store_true", help="keep the model in CPU memory during calibration; "
                    "only the block being calibrated goes to --device")
     q.add_argument("--recipe", default=None, help="a whole recipe string instead of the flags above")
@@ -155,6 +160,10 @@ def recipe_string(a: argparse.Namespace) -> str:
         parts.append(f"spin-lr{a.spin_lr}")
     if a.spin_batch != 1:
         parts.append(f"spin-batch{a.spin_batch}")
+    if a.spin_schedule != "constant":
+        parts.append(f"spin-{a.spin_schedule}")
+    if a.spin_weights != "auto":
+        parts.append(f"spin-weights-{a.spin_weights}")
     parts += [f"rule:{r}" for r in a.rule]
     return " ".join(parts)
 

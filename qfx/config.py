@@ -14,7 +14,8 @@ Tokens: `wN` weight bits (16 = not quantized), `gN` group size (0 or -1 = per ch
 `sym`/`asym`, `aN` activation bits (16 = none), `a-static` static per-tensor activations,
 `clipR` weight clip ratio, `a-clipR` activation clip ratio, `fp8`, `scale-model` (weight scales rounded to the model dtype), `kvN`
 (KV cache: asymmetric int N per token and head) and `kv-gN` (... in groups of N along the head dim),
-`rot-seedN` (seed of QuaRot's random Hadamard rotations), `spin-stepsN`, `spin-lrX` and `spin-batchN` (SpinQuant),
+`rot-seedN` (seed of QuaRot's random Hadamard rotations), `spin-stepsN`, `spin-lrX`, `spin-batchN`,
+`spin-linear` / `spin-constant` (step size schedule) and `spin-weights-{auto,rtn,float}` (SpinQuant),
 `dampX`, `act-order` / `no-act-order` and `range-search` / `no-range-search` (GPTQ options; both
 on by default), `sinkX` (weight
 of each calibration window's first token in Hessians, default 16), `sq-alphaX` / `sq-alpha-search`
@@ -51,6 +52,8 @@ WEIGHT_METHODS = ("rtn", "gptq", "gptaq", "awq+")
 TRANSFORM_METHODS = ("smoothquant", "awq", "awq+")
 # whole-model rotations, applied when the graph is prepared, before anything is observed
 ROTATION_METHODS = ("quarot", "spinquant")
+SPIN_SCHEDULES = ("constant", "linear")
+SPIN_WEIGHTS = ("auto", "rtn", "float")
 
 
 class ConfigError(ValueError):
@@ -223,6 +226,10 @@ class Recipe:
         "R2.<o_proj path>": (head_dim, head_dim)}), e.g. learned ones.
     spin_steps, spin_lr: SpinQuant's Cayley SGD steps and step size.
     spin_batch: calibration samples (cycled) whose gradients each SpinQuant step averages.
+    spin_schedule: "constant" step size, or "linear" decay from spin_lr towards 0 over the steps.
+    spin_weights: what the weights are while SpinQuant learns: "rtn" (fake-quantized by RTN),
+        "float" (full precision, only activations and KV quantized), or "auto": "rtn" when RTN
+        chooses the final weights, "float" when a calibrated method (GPTQ, ...) chooses them later.
     """
 
     @property
@@ -249,6 +256,8 @@ class Recipe:
     spin_steps: int = 100
     spin_lr: float = 1.5
     spin_batch: int = 1
+    spin_schedule: str = "constant"
+    spin_weights: str = "auto"
 
     def __post_init__(self) -> None:
         if self.sink_weight < 1.0:
@@ -286,6 +295,10 @@ class Recipe:
             raise ConfigError(f"Recipe: spin_steps={self.spin_steps} must be >= 1 and spin_lr={self.spin_lr} > 0")
         if self.spin_batch < 1:
             raise ConfigError(f"Recipe: spin_batch={self.spin_batch} must be >= 1 (samples per SpinQuant step)")
+        if self.spin_schedule not in SPIN_SCHEDULES:
+            raise ConfigError(f"Recipe.spin_schedule={self.spin_schedule!r}: choose from {', '.join(SPIN_SCHEDULES)}")
+        if self.spin_weights not in SPIN_WEIGHTS:
+            raise ConfigError(f"Recipe.spin_weights={self.spin_weights!r}: choose from {', '.join(SPIN_WEIGHTS)}")
 
     def resolve(self, path: str, is_head: bool) -> tuple[QuantSpec | None, QuantSpec | None]:
         """(weight spec, act spec) for the linear at module path `path`."""
@@ -331,6 +344,8 @@ class Recipe:
             spin_steps=int(d.get("spin_steps", 100)),
             spin_lr=float(d.get("spin_lr", 1.5)),
             spin_batch=int(d.get("spin_batch", 1)),
+            spin_schedule=d.get("spin_schedule", "constant"),
+            spin_weights=d.get("spin_weights", "auto"),
         )
 
     @staticmethod
@@ -394,6 +409,10 @@ class Recipe:
                 extra["spin_lr"] = float(m[1])
             elif m := re.fullmatch(r"spin-batch(\d+)", tok):
                 extra["spin_batch"] = int(m[1])
+            elif tok in ("spin-linear", "spin-constant"):
+                extra["spin_schedule"] = tok[5:]
+            elif m := re.fullmatch(r"spin-weights-(auto|rtn|float)", tok):
+                extra["spin_weights"] = m[1]
             elif tok.startswith("rule:"):
                 rules.append(_parse_rule(tok[5:]))
             else:

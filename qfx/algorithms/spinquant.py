@@ -5,11 +5,13 @@ The model is captured, its norms folded and its online Hadamards (R3, R4) insert
 QuaRot with identity R1/R2. Each step then:
 1. rebuilds the rotated weights from R1 and R2 (`rotated_tensors`, differentiable);
 2. runs the graph with every planned linear's input quantized per token (and its weight by
-   RTN when the pipeline has no GPTQ-like method to choose weights later, as in the paper),
-   through a straight-through estimator, and the KV cache quantized if the recipe says so;
+   RTN, per `Recipe.spin_weights`: by default only when the pipeline has no GPTQ-like method
+   to choose weights later, as in the paper), through a straight-through estimator, and the
+   KV cache quantized if the recipe says so;
 3. takes the next-token cross-entropy and moves R1 and each R2 along the orthogonal group
    by a Cayley step: A = G R^T - R G^T (skew), R <- (I + a/2 A)^-1 (I - a/2 A) R with
-   a = min(lr, 1 / ||A||_1), which stays exactly orthogonal.
+   a = min(lr_t, 1 / ||A||_1), which stays exactly orthogonal; lr_t is lr throughout, or
+   lr (1 - t / steps) with `Recipe.spin_schedule` "linear" (the paper's schedule).
 R1 and R2 start from QuaRot's random Hadamard matrices.
 """
 
@@ -76,7 +78,7 @@ class _FakeQuantRun(Interpreter):
         if plan.act is not None:
             xf = _ste(xf, fake_quantize_activation(xf.detach(), plan.act.bits, None, fp8=plan.act.dtype == "fp8",
                                                    clip_ratio=plan.act.clip_ratio))
-        if self.quantize_weights:
+        if self.quantize_weights and plan.weight is not None:
             wf = _ste(wf, _fake_weight(wf, plan.weight))
         return torch.nn.functional.linear(xf, wf, None if b is None else b.float()).to(x.dtype)
 
@@ -107,7 +109,7 @@ def learn_rotations(model: torch.nn.Module, recipe: Recipe | str, batches, steps
     r1 = orthogonal(plan.width, recipe.rotation_seed).float().to(device)
     r2 = {k: orthogonal(r.fold.head_dim, recipe.rotation_seed + 1 + i).float().to(device)
           for i, (k, r) in enumerate(zip(plan.r2_keys(), plan.heads))}
-    quantize_weights = recipe.weight_method == "rtn"
+    quantize_weights = recipe.spin_weights == "rtn" or (recipe.spin_weights == "auto" and recipe.weight_method == "rtn")
     bar = tqdm(range(steps), desc="spinquant", unit="step", disable=not progress)
     if batches_per_step < 1:
         raise ValueError(f"learn_rotations: batches_per_step={batches_per_step} must be >= 1")
@@ -126,8 +128,9 @@ def learn_rotations(model: torch.nn.Module, recipe: Recipe | str, batches, steps
             loss_sum += loss.item()
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"spinquant: loss is {loss.item()} at step {step}; lower the learning rate")
+        step_lr = lr * (1 - step / steps) if recipe.spin_schedule == "linear" else lr
         with torch.no_grad():
-            r1 = cayley_step(r1.detach(), grads[0], lr)
-            r2 = {k: cayley_step(v.detach(), g, lr) for (k, v), g in zip(r2.items(), grads[1:])}
+            r1 = cayley_step(r1.detach(), grads[0], step_lr)
+            r2 = {k: cayley_step(v.detach(), g, step_lr) for (k, v), g in zip(r2.items(), grads[1:])}
         bar.set_postfix(loss=f"{loss_sum / batches_per_step:.3f}")
     return {"R1": r1.detach().cpu(), **{k: v.detach().cpu() for k, v in r2.items()}}

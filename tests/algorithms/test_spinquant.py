@@ -66,3 +66,41 @@ def test_a_step_over_several_batches_equals_one_step_over_their_concatenation():
     assert Recipe.parse("spinquant w4 g-1 a4 spin-batch4").spin_batch == 4
     with pytest.raises(qfx.ConfigError, match="spin_batch=0"):
         Recipe.parse("spinquant w4 g-1 a4 spin-batch0")
+
+
+def test_spin_weights_chooses_what_the_weights_are_while_learning():
+    # auto: RTN-fake-quantized weights when RTN chooses the final weights, full precision when
+    # GPTQ chooses them later; rtn / float force one or the other.
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(2))
+
+    def learn(recipe):
+        return learn_rotations(model, recipe, ids.split(1), steps=3, progress=False)["R1"]
+
+    gptq_auto, gptq_float = learn("spinquant,gptq w4 g-1 a4"), learn("spinquant,gptq w4 g-1 a4 spin-weights-float")
+    gptq_rtn, rtn_auto = learn("spinquant,gptq w4 g-1 a4 spin-weights-rtn"), learn("spinquant w4 g-1 a4")
+    torch.testing.assert_close(gptq_auto, gptq_float, rtol=0, atol=0)
+    torch.testing.assert_close(gptq_rtn, rtn_auto, rtol=0, atol=0)
+    assert not torch.allclose(gptq_float, gptq_rtn, rtol=0, atol=1e-4)
+    assert Recipe.parse("spinquant w4 spin-weights-rtn").spin_weights == "rtn"
+    with pytest.raises(qfx.ConfigError, match="spin_weights='fp'"):
+        Recipe(methods=("spinquant",), spin_weights="fp")
+
+
+def test_linear_schedule_decays_the_step_size():
+    # step t of T moves by at most lr (1 - t / T): the first step is the constant schedule's,
+    # later ones are shorter. A small lr keeps it below the 1 / ||A||_1 cap, so it decides.
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(3))
+
+    def learn(recipe, steps):
+        return learn_rotations(model, recipe, ids.split(1), steps=steps, lr=1e-3, progress=False)["R1"]
+
+    one_linear, one_constant = learn("spinquant w4 g-1 a4 spin-linear", 1), learn("spinquant w4 g-1 a4", 1)
+    torch.testing.assert_close(one_linear, one_constant, rtol=0, atol=0)
+    start = learn_rotations(model, "spinquant w4 g-1 a4", ids.split(1), steps=1, lr=1e-12, progress=False)["R1"]
+    linear, constant = learn("spinquant w4 g-1 a4 spin-linear", 4), learn("spinquant w4 g-1 a4", 4)
+    assert 0 < (linear - start).norm() < (constant - start).norm()
+    assert Recipe.parse("spinquant w4 spin-linear").spin_schedule == "linear"
+    with pytest.raises(qfx.ConfigError, match="spin_schedule='cosine'"):
+        Recipe(methods=("spinquant",), spin_schedule="cosine")
