@@ -71,17 +71,20 @@ TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 @pytest.mark.parametrize("bits,group,sym", [(4, 64, False), (4, 32, True), (8, 0, True), (3, 64, False),
                                             (2, 32, True), (8, 128, False)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_wint_a16_matches_reference(bits, group, sym, dtype):
+@pytest.mark.parametrize("variant", ["tiled", "scaled"])
+def test_wint_a16_matches_reference(bits, group, sym, dtype, variant):
     kw, _ = make_weight(80, 200, bits, group, sym)
     x = rand_x(19, 200, dtype)
     bias = torch.randn(80).to(dtype).to(DEVICE)
-    out = wint_a16_linear(x, kw, bias, config=Config(16, 32, 64))
+    out = wint_a16_linear(x, kw, bias, config=Config(16, 32, 64, variant=variant))
     assert rel_err(out, wint_a16_ref(x, kw, bias)) < TOL[dtype]
 
 
 @pytest.mark.parametrize("cfg", [Config(16, 32, 32, split_k=3), Config(32, 64, 64, split_k=2), Config(16, 16, 16),
                                  Config(16, 32, 32, split_k=3, variant="tiled-once"),
-                                 Config(32, 64, 64, variant="tiled-once")])
+                                 Config(32, 64, 64, variant="tiled-once"),
+                                 Config(16, 32, 32, split_k=3, variant="scaled"),
+                                 Config(32, 64, 64, variant="scaled-once")])
 def test_wint_a16_split_k_and_tiles(cfg):
     kw, _ = make_weight(72, 160, 4, 32, False)
     x = rand_x(5, 160, torch.bfloat16)
@@ -103,16 +106,17 @@ def test_wint_a16_gemv_and_dequant_variants(bits, group, sym, cfg):
         assert rel_err(out, wint_a16_ref(x, kw, bias)) < TOL[torch.bfloat16]
 
 
-def test_wint_a16_fp8_weights():
+@pytest.mark.parametrize("variant", ["tiled", "scaled"])
+def test_wint_a16_fp8_weights(variant):
     kw, _ = make_weight(48, 96, 8, 0, True, fp8=True)
     x = rand_x(3, 96, torch.bfloat16)
-    out = wint_a16_linear(x, kw, config=Config(16, 32, 32, split_k=2))
+    out = wint_a16_linear(x, kw, config=Config(16, 32, 32, split_k=2, variant=variant))
     assert rel_err(out, wint_a16_ref(x, kw)) < TOL[torch.bfloat16]
 
 
 @settings(max_examples=8, deadline=None)
 @given(m=st.integers(1, 40), n=st.integers(1, 70), k_groups=st.integers(1, 5), bits=st.sampled_from([2, 3, 4, 8]),
-       sym=st.booleans(), variant=st.sampled_from(["tiled", "tiled-once"]))
+       sym=st.booleans(), variant=st.sampled_from(["tiled", "tiled-once", "scaled", "scaled-once"]))
 def test_wint_a16_drawn_shapes(m, n, k_groups, bits, sym, variant):
     k = 32 * k_groups - 7  # a short last group
     kw, _ = make_weight(n, k, bits, 32, sym, seed=m * n)

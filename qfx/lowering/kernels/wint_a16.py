@@ -17,6 +17,10 @@ Two more variants, picked by timing like any config:
 - "tiled-once": the tiled kernel loading each word of a tile once and shifting it per_word
   ways (a (rows, per_word, BLOCK_N) block reshaped to (BLOCK_K, BLOCK_N)), instead of
   loading it per_word times.
+- "scaled" / "scaled-once": the tiled kernels with the scale applied to the weight tile before
+  the dot, (u - z) s rounded to x's dtype as the reference rounds it, so every step's dot
+  accumulates into the same float32 tile and the tensor-core products of successive steps can
+  overlap (a dot whose result is scaled must finish before the next one starts).
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ def _wint_a16_kernel(
     M, N, K, GROUP, stride_xm, stride_ym, SPLIT_K,
     BITS: tl.constexpr, CONTAINER: tl.constexpr, W_FP8: tl.constexpr, HAS_ZERO: tl.constexpr,
     HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, INTERPRET: tl.constexpr, UNPACK_ONCE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PRESCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
@@ -110,12 +114,19 @@ def _wint_a16_kernel(
             else:
                 offset = 8388608.0 + (1 << (BITS - 1)) + tl.zeros((BLOCK_N,), dtype=tl.float32)
             w = (codes | 0x4B000000).to(tl.float32, bitcast=True) - offset[None, :]
-        w = w.to(a.dtype)
-        # the step lies in one group (BLOCK_K divides it): its scale multiplies the step's dot
-        if INTERPRET:  # the interpreter's bf16 dot is wrong; float32 products of bf16 values are exact
-            acc += tl.dot(a.to(tl.float32), w.to(tl.float32)) * s[None, :]
+        if PRESCALE:  # (u - z) s rounded to x's dtype, one accumulating dot per step
+            w = (w * s[None, :]).to(a.dtype)
+            if INTERPRET:  # the interpreter's bf16 dot is wrong; float32 products of bf16 values are exact
+                acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
+            else:
+                acc = tl.dot(a, w, acc)
         else:
-            acc += tl.dot(a, w) * s[None, :]
+            # the step lies in one group (BLOCK_K divides it): its scale multiplies the step's dot
+            w = w.to(a.dtype)
+            if INTERPRET:
+                acc += tl.dot(a.to(tl.float32), w.to(tl.float32)) * s[None, :]
+            else:
+                acc += tl.dot(a, w) * s[None, :]
     if HAS_BIAS:
         if pid_k == 0:
             acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -217,6 +228,9 @@ def _dequant_t_kernel(
         tl.store(out_ptr + k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+TILED = ("tiled", "tiled-once", "scaled", "scaled-once")  # variants of _wint_a16_kernel
+
+
 def candidates(m: int, group: int, k: int) -> list[Config]:
     """Explicit configs by M bucket (H100-sized); BLOCK_K is cut to divide the group."""
     gemv = [Config(1, n, bk, s, w, st, variant="gemv") for n, bk, s, w, st in
@@ -228,25 +242,25 @@ def candidates(m: int, group: int, k: int) -> list[Config]:
     if m == 1:
         return gemv + [Config(16, 64, 128, 1, 4, 4), Config(16, 64, 128, 4, 4, 4)]
     if m <= 16:
-        cfgs = [Config(16, n, k, s, 4, 4) for n, k, s in
-                [(64, 128, 4), (64, 256, 2), (128, 128, 4), (64, 128, 8), (32, 256, 4), (128, 256, 2), (64, 128, 1),
-                 (32, 128, 8)]]
+        cfgs = [Config(16, n, k, s, 4, st) for n, k, s, st in
+                [(64, 128, 4, 4), (64, 128, 8, 4), (128, 64, 4, 5), (128, 128, 4, 4), (32, 128, 4, 4), (64, 256, 2, 4),
+                 (128, 128, 1, 4), (32, 256, 4, 4)]]
     elif m <= 64:
-        cfgs = [Config(bm, n, k, s, 4, 4) for bm, n, k, s in
-                [(32, 64, 128, 4), (64, 64, 128, 2), (32, 128, 128, 2), (64, 128, 64, 2), (16, 64, 256, 4),
-                 (64, 128, 128, 1), (32, 64, 128, 8)]]
+        cfgs = [Config(bm, n, k, s, w, st) for bm, n, k, s, w, st in
+                [(64, 64, 128, 2, 4, 4), (64, 128, 128, 1, 4, 3), (64, 128, 64, 1, 4, 4), (64, 64, 64, 2, 4, 5),
+                 (32, 64, 128, 4, 4, 4), (64, 256, 64, 1, 8, 3), (16, 64, 256, 4, 4, 4)]]
     elif m <= 256:
         cfgs = [Config(bm, n, k, s, w, st) for bm, n, k, s, w, st in
-                [(64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3), (64, 64, 128, 2, 4, 4), (64, 128, 128, 1, 4, 3),
-                 (128, 64, 64, 2, 4, 4), (64, 256, 64, 1, 8, 3)]]
-        cfgs += [Config(16, 128, 0, variant="dequant")]
+                [(128, 64, 128, 1, 4, 4), (256, 128, 64, 1, 8, 3), (128, 128, 64, 1, 4, 4), (128, 128, 128, 1, 8, 3),
+                 (64, 128, 128, 1, 4, 3), (128, 64, 64, 2, 4, 4)]]
     else:
         cfgs = [Config(bm, n, k, 1, w, st) for bm, n, k, w, st in
-                [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
-                 (256, 128, 64, 8, 3), (128, 128, 128, 8, 3)]]
-        if m >= 512:
-            cfgs += [Config(16, 128, 0, variant="dequant"), Config(32, 64, 0, variant="dequant")]
-    cfgs += [c._replace(variant="tiled-once") for c in cfgs if c.variant == "tiled"]
+                [(128, 128, 64, 4, 4), (256, 128, 64, 8, 3), (128, 256, 128, 8, 3), (128, 128, 64, 8, 3)]]
+    # Weights scaled before the dot, each word loaded once, came out fastest for M > 1 on an H100
+    # (benchmarks/results/kernels.md); the same tiles scaling after the dot stay in the race.
+    cfgs = [c._replace(variant=v) for v in ("scaled-once", "tiled-once") for c in cfgs]
+    if m > 64:  # compute bound: one pass writes W^T in x's dtype, then cuBLAS
+        cfgs += [Config(16, 128, 0, variant="dequant"), Config(32, 64, 0, variant="dequant")]
     return [fit_block_k(c, group, k) for c in cfgs]
 
 
@@ -261,7 +275,7 @@ def fit_block_k(cfg: Config, group: int, k: int) -> Config:
     if group >= k:  # per channel
         return cfg
     bk = cfg.block_k
-    if cfg.variant not in ("tiled", "tiled-once", "prequant", "prequant-once"):
+    if cfg.variant in ("gemv", "dequant"):  # no K steps over groups
         return cfg
     while group % bk and bk > 16:
         bk //= 2
@@ -297,7 +311,7 @@ def launch(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, cfg: C
             ATOMIC=atomic, CHUNK=gemv_chunk(cfg, kw.group, kw.k), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return y.to(x2.dtype) if atomic else y
-    if cfg.variant not in ("tiled", "tiled-once"):  # a variant that does not apply here (e.g. gemv for M > 1)
+    if cfg.variant not in TILED:  # a variant that does not apply here (e.g. gemv for M > 1)
         cfg = fit_block_k(Config(16 if m <= 16 else 64, 64, 64), kw.group, kw.k)
     atomic = cfg.split_k > 1
     y = (torch.zeros if atomic else torch.empty)((m, kw.n), device=x2.device,
@@ -308,7 +322,7 @@ def launch(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, cfg: C
         m, kw.n, kw.k, group, x2.stride(0), y.stride(0), cfg.split_k,
         BITS=kw.bits, CONTAINER=kw.container if not kw.fp8 else 8, W_FP8=kw.fp8, HAS_ZERO=kw.zero is not None,
         HAS_BIAS=bias is not None, ATOMIC=atomic, INTERPRET=interpreting(),
-        UNPACK_ONCE=cfg.variant == "tiled-once" and not kw.fp8,
+        UNPACK_ONCE=cfg.variant.endswith("-once") and not kw.fp8, PRESCALE=cfg.variant.startswith("scaled"),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
