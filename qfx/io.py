@@ -33,7 +33,7 @@ from qfx.passes.quantize_linears import quantize_linears
 from qfx.passes.rotate import rotate_for_recipe
 
 FORMAT = "qfx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: online rotations of sizes 156 * 2^k and 172 * 2^k use Hadamard matrices
 META_FILE = "qfx.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -183,11 +183,26 @@ def rebuild(meta: dict, device: str | torch.device = "cpu") -> GraphModule:
     gm = canonicalize_linears(gm)
     recipe = Recipe.from_dict(meta["recipe"])
     gm = rotate_for_recipe(gm, recipe, compute=False)  # the graph structure only: tensors come from the file
+    if meta.get("format_version", 1) < 2:
+        _check_v1_rotations(gm)
     gm = quantize_kv_cache(gm, recipe.kv)
     gm = annotate_linears(gm, recipe)
     gm = quantize_linears(gm, allocate_only=True)
     gm.meta["qfx"]["recipe"] = meta["recipe"]
     return gm
+
+
+def _check_v1_rotations(gm: GraphModule) -> None:
+    """Refuse a format-1 model whose online rotations this version computes differently."""
+    from qfx.algorithms.hadamard import online_factor_changed_since_v1
+
+    sizes = {n.meta["val"].shape[-1] for n in gm.graph.nodes
+             if n.op == "call_function" and n.target is torch.ops.qfx.hadamard.default}
+    changed = sorted(n for n in sizes if online_factor_changed_since_v1(n))
+    if changed:
+        raise CheckpointError(f"this checkpoint (format 1) rotates activations of size {changed[0]} online with a "
+                              "random orthogonal factor; this qfx uses a Hadamard matrix there, so the model would "
+                              "not reload as saved. Quantize the original model again with this version")
 
 
 def _restore_dtypes(model: torch.nn.Module, dtypes: dict[str, str]) -> None:

@@ -4,10 +4,15 @@ A Hadamard matrix H (n x n, entries +-1, H H^T = n I) exists only for n = 1, 2 o
 of 4. We build one for n from:
 - Paley I: q + 1 for a prime power q = 3 (mod 4) (12 = 11 + 1, 20, 60, 108, 140, ...);
 - Paley II: 2 (q + 1) for a prime power q = 1 (mod 4) (28 from 13, 36 from 17, 52 from 25, ...);
-- Sylvester doubling [[H, H], [H, -H]] of a smaller one (40 = 2 x 20, 576 = 8 x 72, ...).
-Orders these do not reach (e.g. 156 and 172, which need Williamson-type searches) have no
-matrix here; `orthogonal(n)` then uses a seeded random orthogonal matrix instead, with a
-warning, which rotates just as exactly but spreads outliers less evenly.
+- Sylvester doubling [[H, H], [H, -H]] of a smaller one (40 = 2 x 20, 576 = 8 x 72, ...);
+- the Goethals-Seidel array of four circulant +-1 matrices, for 156 = 4 x 39 and 172 = 4 x 43
+  (172 x 64 = 11008 is Llama-2-7B's MLP width). Their first rows are stored below; they were
+  found by simulated annealing on the sum of the four sequences' squared periodic
+  autocorrelations (zero at every non-zero shift is what the array needs), and the tests check
+  H H^T = n I.
+Orders these do not reach have no matrix here; `orthogonal(n)` then uses a seeded random
+orthogonal matrix instead, with a warning, which rotates just as exactly but spreads outliers
+less evenly.
 
 The online transform (a runtime op in rotated graphs) multiplies by H_m (x) H_(2^k) / sqrt(n)
 for n = m 2^k: a dense m x m product and k butterfly passes, O(n (m + log n)) per row instead
@@ -100,8 +105,45 @@ def _paley_2(q: int) -> torch.Tensor:
     return torch.kron(c, one) + torch.kron(torch.eye(q + 1, dtype=torch.float64), zero)
 
 
+# first rows of circulant A, B, C, D with sum of periodic autocorrelations 0 at every shift != 0
+_GOETHALS_SEIDEL = {
+    39: (
+        "+-+-++++-+-+-++---++-+---+----++--++-++",
+        "++++---+++-++-+++-+++++-------++-+--+++",
+        "--+-+---+++++-+---++---+---+-+---+-++-+",
+        "+--+----+--+++--+--+--+-++---+-----+++-",
+    ),
+    43: (
+        "--------+-++-+-+-+++-++--+--+----+--+++---+",
+        "-+++++-+++--+-+++---+-+--+---+-+----+--+-+-",
+        "+---+++++-+--+--+++++-++---++-+++--+++++-+-",
+        "--++--+--++--++++-+----++-+-+-+++++----++--",
+    ),
+}
+
+
+def _circulant(signs: str) -> torch.Tensor:
+    """C[i, j] = a[(j - i) mod n] for the +-1 sequence a written as '+' / '-'."""
+    a = torch.tensor([1.0 if c == "+" else -1.0 for c in signs], dtype=torch.float64)
+    n = a.numel()
+    return a[(torch.arange(n)[None, :] - torch.arange(n)[:, None]) % n]
+
+
+def _goethals_seidel(n: int) -> torch.Tensor:
+    """Order 4n from circulant A, B, C, D with A A^T + B B^T + C C^T + D D^T = 4n I:
+    [[A, BR, CR, DR], [-BR, A, D^T R, -C^T R], [-CR, -D^T R, A, B^T R], [-DR, C^T R, -B^T R, A]],
+    R the back-diagonal permutation."""
+    a, b, c, d = (_circulant(s) for s in _GOETHALS_SEIDEL[n])
+    r = torch.eye(n, dtype=torch.float64).flip(1)
+    rows = [[a, b @ r, c @ r, d @ r], [-b @ r, a, d.T @ r, -c.T @ r], [-c @ r, -d.T @ r, a, b.T @ r],
+            [-d @ r, c.T @ r, -b.T @ r, a]]
+    return torch.cat([torch.cat(row, 1) for row in rows], 0)
+
+
 @functools.lru_cache(maxsize=None)
-def _hadamard(n: int) -> torch.Tensor | None:
+def _hadamard(n: int, goethals_seidel: bool = True) -> torch.Tensor | None:
+    """`goethals_seidel=False`: the constructions of checkpoint format 1 only (see
+    `online_factor_changed_since_v1`)."""
     if n == 1:
         return torch.ones(1, 1, dtype=torch.float64)
     if n == 2:
@@ -109,7 +151,7 @@ def _hadamard(n: int) -> torch.Tensor | None:
     if n % 4:
         return None
     if n & (n - 1) == 0:  # a power of two: Sylvester
-        h = _hadamard(n // 2)
+        h = _hadamard(n // 2, goethals_seidel)
         return torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     pp = _prime_power(n - 1)
     if pp is not None and (n - 1) % 4 == 3 and pp[1] <= 3:
@@ -117,7 +159,9 @@ def _hadamard(n: int) -> torch.Tensor | None:
     pp = _prime_power(n // 2 - 1)
     if pp is not None and (n // 2 - 1) % 4 == 1 and pp[1] <= 3:
         return _paley_2(n // 2 - 1)
-    h = _hadamard(n // 2)
+    if goethals_seidel and n // 4 in _GOETHALS_SEIDEL:
+        return _goethals_seidel(n // 4)
+    h = _hadamard(n // 2, goethals_seidel)
     if h is not None:
         return torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return None
@@ -156,6 +200,20 @@ def online_factors(n: int) -> tuple[torch.Tensor | None, int]:
     warnings.warn(f"no Hadamard matrix of order {m} (for a rotation of size {n}) is built here; "
                   f"using a random orthogonal {m} x {m} factor instead", stacklevel=3)
     return random_orthogonal(m, seed=n), p
+
+
+def online_factor_changed_since_v1(n: int) -> bool:
+    """True when qfx's checkpoint format 1 rotated size n online with a random orthogonal factor
+    that is now a Hadamard matrix (Goethals-Seidel), so a v1 model with that rotation would not
+    reload as saved."""
+    def split(gs):
+        p = n & -n
+        while p >= 1:
+            if n // p == 1 or _hadamard(n // p, gs) is not None:
+                return p
+            p //= 2
+        return None
+    return split(False) != split(True)
 
 
 def hadamard_transform(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:

@@ -6,11 +6,12 @@ import warnings
 import pytest
 import torch
 
-from qfx.algorithms.hadamard import (hadamard_dense, hadamard_matrix, hadamard_transform, online_factors,
-                                     orthogonal, random_orthogonal)
+from qfx.algorithms.hadamard import (hadamard_dense, hadamard_matrix, hadamard_transform, online_factor_changed_since_v1,
+                                     online_factors, orthogonal, random_orthogonal)
 
-# the orders real models need after their power-of-two factor (Paley I, Paley II, doubling)
-ORDERS = [1, 2, 4, 8, 12, 20, 28, 36, 40, 52, 60, 72, 76, 108, 140, 148]
+# the orders real models need after their power-of-two factor (Paley I, Paley II, doubling,
+# Goethals-Seidel for 156 and 172)
+ORDERS = [1, 2, 4, 8, 12, 20, 28, 36, 40, 52, 60, 72, 76, 108, 140, 148, 156, 172, 312, 344]
 
 
 def _sylvester(p: int) -> torch.Tensor:
@@ -28,13 +29,13 @@ def test_hadamard_matrix_is_hadamard(n):
     assert torch.equal(h @ h.T, n * torch.eye(n, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("n", [3, 6, 10, 156, 172])
+@pytest.mark.parametrize("n", [3, 6, 10, 188])
 def test_orders_without_a_construction_give_none(n):
-    # 3, 6, 10: no Hadamard matrix exists; 156 and 172 need constructions not built here
+    # 3, 6, 10: no Hadamard matrix exists; 188 = 4 x 47 needs a construction not built here
     assert hadamard_matrix(n) is None
 
 
-@pytest.mark.parametrize("n", [16, 64, 12 * 8, 36 * 16, 20 * 4, 28 * 2])
+@pytest.mark.parametrize("n", [16, 64, 12 * 8, 36 * 16, 20 * 4, 28 * 2, 172 * 4, 156 * 2])
 def test_fast_transform_matches_dense_kronecker(n):
     m_mat, p = online_factors(n)
     m = n // p
@@ -56,13 +57,13 @@ def test_fast_transform_keeps_dtype_and_is_float32_accurate():
 
 def test_unbuilt_order_falls_back_to_seeded_orthogonal_with_warning():
     online_factors.cache_clear()
-    with pytest.warns(UserWarning, match="no Hadamard matrix of order 43"):
-        d = hadamard_dense(43 * 4)
-    torch.testing.assert_close(d @ d.T, torch.eye(172, dtype=torch.float64), rtol=0, atol=1e-12)
+    with pytest.warns(UserWarning, match="no Hadamard matrix of order 47"):
+        d = hadamard_dense(47 * 4)
+    torch.testing.assert_close(d @ d.T, torch.eye(188, dtype=torch.float64), rtol=0, atol=1e-12)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         online_factors.cache_clear()
-        assert torch.equal(hadamard_dense(172), d)  # rebuilt identically: saved models reload exactly
+        assert torch.equal(hadamard_dense(188), d)  # rebuilt identically: saved models reload exactly
 
 
 def test_orthogonal_is_a_random_sign_hadamard_and_seeded():
@@ -71,6 +72,16 @@ def test_orthogonal_is_a_random_sign_hadamard_and_seeded():
     assert torch.allclose(q.abs(), torch.full_like(q, 1 / math.sqrt(96)))
     assert torch.equal(q, orthogonal(96, seed=3)) and not torch.equal(q, orthogonal(96, seed=4))
     with pytest.warns(UserWarning, match="random orthogonal"):
-        r = orthogonal(156, seed=0)
-    torch.testing.assert_close(r @ r.T, torch.eye(156, dtype=torch.float64), rtol=0, atol=1e-12)
+        r = orthogonal(188, seed=0)
+    torch.testing.assert_close(r @ r.T, torch.eye(188, dtype=torch.float64), rtol=0, atol=1e-12)
     torch.testing.assert_close(random_orthogonal(5, 1), random_orthogonal(5, 1))
+
+
+def test_online_factors_that_changed_since_checkpoint_format_1():
+    # format 1 had no Goethals-Seidel matrices: 11008 = 172 x 64 (Llama-2-7B's MLP) and 156 x 8
+    # fell back to a random odd factor; 312 = 311 + 1 was one Paley I matrix and is now
+    # H_156 (x) H_2 (the larger power-of-two part is preferred), so it changed too
+    assert all(online_factor_changed_since_v1(n) for n in (11008, 156 * 8, 312))
+    assert not any(online_factor_changed_since_v1(n) for n in (4096, 1536, 576, 188, 14336))
+    m_mat, p = online_factors(11008)
+    assert p == 64 and torch.equal((m_mat * math.sqrt(172)).abs(), torch.ones(172, 172, dtype=torch.float64))

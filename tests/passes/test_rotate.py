@@ -1,6 +1,7 @@
 """Norm folding and QuaRot rotations are exact rewrites of random-weight models of five
 families; bad rotations and non-rotatable models are refused."""
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -10,6 +11,7 @@ from safetensors.torch import save_file
 import qfx
 from qfx.capture import capture
 from qfx.formats import ExportError
+from qfx.io import CheckpointError
 from qfx.passes.canonicalize_linears import canonicalize_linears
 from qfx.passes.fold_norms import RotationError, fold_norms
 from qfx.passes.rotate import rotate
@@ -142,3 +144,22 @@ def test_rotated_model_compiles_with_the_qfx_backend_and_exports(tmp_path, token
     path = qfx.export(qmodel, tmp_path / "m.pt2")
     with torch.no_grad():
         assert torch.equal(_logits(qfx.load_exported(path), token_ids), eager)
+
+
+def test_format_1_checkpoints_load_unless_their_online_rotations_changed(tmp_path, token_ids):
+    # format 1 rotated size 172 online with a random orthogonal factor; it is now a
+    # Goethals-Seidel Hadamard matrix, so such a checkpoint would not reload as saved
+    def saved_as_v1(model, name):
+        qmodel = qfx.quantize(model, "quarot w4 g-1", progress=False)
+        qfx.save(qmodel, tmp_path / name)
+        meta_file = tmp_path / name / "qfx.json"
+        assert json.loads(meta_file.read_text())["format_version"] == 2
+        assert torch.equal(_logits(qfx.load(tmp_path / name), token_ids), _logits(qmodel, token_ids))
+        meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "format_version": 1}))
+        return qmodel
+
+    unchanged = saved_as_v1(tiny_model("llama"), "same")
+    assert torch.equal(_logits(qfx.load(tmp_path / "same"), token_ids), _logits(unchanged, token_ids))
+    saved_as_v1(tiny_model("llama", intermediate_size=172), "changed")
+    with pytest.raises(CheckpointError, match="format 1.* size 172 online"):
+        qfx.load(tmp_path / "changed")
