@@ -53,7 +53,9 @@ GRIDS = {
 }
 # the llm-compressor recipe standing for each qfx method (see peer_llmcompressor.py)
 PEER_METHODS = {"rtn": "rtn", "gptq": "gptq", "awq": "awq", "smoothquant": "smoothquant",
-                "smoothquant,gptq": "smoothquant,gptq"}
+                "smoothquant,gptq": "smoothquant,gptq", "quarot": "quarot", "quarot,gptq": "quarot,gptq"}
+# settings it runs (no activation clip ratio or KV-cache cells there)
+PEER_SETTINGS = ("W4A16 g64 asym", "W4A16 g64 sym", "W3A16 g64 asym", "W4A8 g64 sym", "W8A8", "W4A4 KV16")
 
 
 def _last_json(out: str) -> dict:
@@ -217,7 +219,7 @@ def run_grid(a, header: dict) -> None:
             rows.append(row)
             print(f"{setting:16s} {method:18s} qfx ppl {row['ppl']:.3f} calib {row['calib_seconds']:.0f}s", flush=True)
             write(rows, a, header)
-        if a.peer_python and method in PEER_METHODS:
+        if a.peer_python and method in PEER_METHODS and setting in PEER_SETTINGS:
             peer = run_peer(method, setting, a)
             peer["ppl_fp"] = rows[0]["ppl_fp"] if rows else None
             rows.append(peer)

@@ -21,16 +21,26 @@ import torch
 
 
 def scheme(setting: str):
+    """W8A8 and W4A4 KV16: per-channel weights; the rest groups of 64. A8 / A4: dynamic per token."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     bits = int(setting[1])
+    per_channel = setting in ("W8A8", "W4A4 KV16")
     weights = QuantizationArgs(num_bits=bits, type="int", symmetric="asym" not in setting,
-                               strategy="channel" if setting == "W8A8" else "group",
-                               group_size=None if setting == "W8A8" else 64)
+                               strategy="channel" if per_channel else "group", group_size=None if per_channel else 64)
     acts = None
-    if "A8" in setting:
-        acts = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
+    if "A8" in setting or "A4" in setting:
+        acts = QuantizationArgs(num_bits=8 if "A8" in setting else 4, type="int", symmetric=True, strategy="token",
+                                dynamic=True)
     return {"group_0": QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)}
+
+
+def rotations():
+    """QuaRot's rotations as llm-compressor applies them: random-sign Hadamard R1 (residual
+    stream), R2 (per head, v and o) and online R4 (before down_proj), none learned."""
+    from llmcompressor.modifiers.transform import SpinQuantModifier
+
+    return SpinQuantModifier(rotations=["R1", "R2", "R4"], transform_type="random-hadamard")
 
 
 def modifiers(method: str, setting: str) -> list:
@@ -51,6 +61,10 @@ def modifiers(method: str, setting: str) -> list:
     if method == "smoothquant,gptq":
         return [SmoothQuantModifier(smoothing_strength=0.5),
                 GPTQModifier(config_groups=groups, ignore=ignore, dampening_frac=0.01)]
+    if method == "quarot":
+        return [rotations(), QuantizationModifier(config_groups=groups, ignore=ignore)]
+    if method == "quarot,gptq":
+        return [rotations(), GPTQModifier(config_groups=groups, ignore=ignore, dampening_frac=0.01)]
     raise SystemExit(f"no llm-compressor recipe for method {method!r}")
 
 
