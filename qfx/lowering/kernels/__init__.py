@@ -5,6 +5,7 @@
   activations; split-K for small M.
 - `act_quant_gemm`: int8 or fp8 activations quantized per token inside the GEMM (two passes over
   each row block of x: absmax, then quantize tiles as they are loaded), int8 / int4 / fp8 weights.
+- `split_k`: split-K partials added up by the last program of each output tile.
 - `tuning`: explicit config lists by M bucket, timed once per shape and cached per GPU.
 
 Every kernel also runs under `TRITON_INTERPRET=1` on CPU tensors, which is how CI checks them.

@@ -19,10 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
-from qfx.lowering.kernels import interpreting, tuning
+from qfx.lowering.kernels import interpreting, split_k, tuning
 from qfx.lowering.kernels.layout import KernelWeight, dequantize_kernel_weight
+from qfx.lowering.kernels.split_k import store_tile
 from qfx.lowering.kernels.tuning import Config
-from qfx.lowering.kernels.wint_a16 import fit_block_k, load_packed_codes, load_packed_codes_once, tile_ids
+from qfx.lowering.kernels.wint_a16 import (fit_block_k, fit_split, load_packed_codes, load_packed_codes_once,
+                                           tile_ids)
 
 
 @triton.jit
@@ -77,10 +79,10 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, FP8: tl.constexpr, 
 
 @triton.jit
 def _act_quant_gemm_kernel(
-    x_ptr, w_ptr, ws_ptr, as_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, ws_ptr, as_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr,
     M, N, K, GROUP, stride_xm, stride_ym, SPLIT_K,
     BITS: tl.constexpr, CONTAINER: tl.constexpr, ROWS: tl.constexpr, FP8: tl.constexpr,
-    A_MODE: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+    A_MODE: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     EXACT_FP8_CAST: tl.constexpr, UNPACK_ONCE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -144,12 +146,8 @@ def _act_quant_gemm_kernel(
     if HAS_BIAS:
         if pid_k == 0:
             acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    if ATOMIC:
-        tl.atomic_add(y, acc, mask=mask)
-    else:
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    store_tile(acc, y_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, part_ptr, cnt_ptr,
+               pid_m * tl.cdiv(N, BLOCK_N) + pid_n, M, N, SPLIT_K, SPLIT)
 
 
 def candidates(m: int, group: int, k: int, packed: bool = False) -> list[Config]:
@@ -204,21 +202,21 @@ def launch(x2, kw: KernelWeight, a_scale, bias, cfg: Config) -> torch.Tensor:
         x2, a_scale = quantize_rows(x2, kw.fp8)
         a_mode = 2
     m = x2.shape[0]
-    atomic = cfg.split_k > 1
-    y = (torch.zeros if atomic else torch.empty)((m, kw.n), device=x2.device,
-                                                 dtype=torch.float32 if atomic else out_dtype)
+    cfg = fit_split(cfg, m, kw.n)
+    y = torch.empty((m, kw.n), device=x2.device, dtype=out_dtype)
+    part = split_k.workspace(cfg.split_k, m, kw.n, x2.device) if cfg.split_k > 1 else y
     grouped = kw.group < kw.k
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(kw.n, cfg.block_n), cfg.split_k)
     _act_quant_gemm_kernel[grid](
-        x2, kw.data, kw.scale, a_scale, bias, y,
+        x2, kw.data, kw.scale, a_scale, bias, y, part, split_k.counters(x2.device),
         m, kw.n, kw.k, kw.group if grouped else 1 << 30, x2.stride(0), y.stride(0), cfg.split_k,
         BITS=kw.bits, CONTAINER=kw.container, ROWS=kw.layout == "rows", FP8=kw.fp8,
-        A_MODE=a_mode, GROUPED=grouped, HAS_BIAS=bias is not None, ATOMIC=atomic,
+        A_MODE=a_mode, GROUPED=grouped, HAS_BIAS=bias is not None, SPLIT=cfg.split_k > 1,
         EXACT_FP8_CAST=kw.fp8 and interpreting(), UNPACK_ONCE=cfg.variant.endswith("-once") and kw.layout == "packed",
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return y.to(out_dtype) if atomic else y
+    return y
 
 
 def act_quant_linear(x: torch.Tensor, kw: KernelWeight, a_scale: torch.Tensor | None = None,

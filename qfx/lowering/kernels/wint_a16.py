@@ -6,7 +6,8 @@ W is int (2..8-bit codes, group-wise or per channel, symmetric or with zero poin
 BLOCK_K / per_word word rows of W, unpack to the integers u - z (exact in x's dtype),
 tensor-core dot, and add the float32 product times the group's scale (BLOCK_K divides the
 group, so one scale row per step). The weights are never rounded to x's dtype after scaling. Small M is memory bound and has too few tiles to fill the GPU, so those
-configs split K over `split_k` programs that add float32 partials atomically.
+configs split K over `split_k` programs whose float32 partials the last of them adds up
+(`split_k`).
 
 Two more variants, picked by timing like any config:
 - "gemv" (M = 1): no tensor cores; each program reads whole word rows of a K chunk (one group,
@@ -29,8 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from qfx.lowering.kernels import interpreting, tuning
+from qfx.lowering.kernels import interpreting, split_k, tuning
 from qfx.lowering.kernels.layout import KernelWeight, dequantize_kernel_weight
+from qfx.lowering.kernels.split_k import store_tile
 from qfx.lowering.kernels.tuning import Config
 
 
@@ -79,10 +81,10 @@ def codes_to_float(u):
 
 @triton.jit
 def _wint_a16_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr,
     M, N, K, GROUP, stride_xm, stride_ym, SPLIT_K,
     BITS: tl.constexpr, CONTAINER: tl.constexpr, W_FP8: tl.constexpr, HAS_ZERO: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, INTERPRET: tl.constexpr, UNPACK_ONCE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr, UNPACK_ONCE: tl.constexpr,
     PRESCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -130,12 +132,8 @@ def _wint_a16_kernel(
     if HAS_BIAS:
         if pid_k == 0:
             acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    if ATOMIC:
-        tl.atomic_add(y, acc, mask=mask)
-    else:
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    store_tile(acc, y_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, part_ptr, cnt_ptr,
+               pid_m * tl.cdiv(N, BLOCK_N) + pid_n, M, N, SPLIT_K, SPLIT)
 
 
 @triton.jit
@@ -153,9 +151,9 @@ def code_as_mantissa(words, J: tl.constexpr, CONTAINER: tl.constexpr):
 
 @triton.jit
 def _wint_gemv_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, GROUP, SPLIT_K,
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, N, K, GROUP, SPLIT_K,
     BITS: tl.constexpr, CONTAINER: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ATOMIC: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y (1, N) for one row x: program (pid_n, pid_k) takes columns pid_n*BLOCK_N.. and every
     SPLIT_K-th BLOCK_K slice of K, in CHUNK-long pieces that lie in one group.
@@ -196,10 +194,8 @@ def _wint_gemv_kernel(
     if HAS_BIAS:
         if pid_k == 0:
             out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    if ATOMIC:
-        tl.atomic_add(y_ptr + offs_n, out, mask=mask_n)
-    else:
-        tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=mask_n)
+    row = tl.arange(0, 1)  # y is one row: a (1, BLOCK_N) tile
+    store_tile(out[None, :], y_ptr, row, offs_n, row < 1, mask_n, N, part_ptr, cnt_ptr, pid_n, 1, N, SPLIT_K, SPLIT)
 
 
 @triton.jit
@@ -301,32 +297,38 @@ def launch(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, cfg: C
         y = x2 @ w_t
         return y if bias is None else y + bias
     if cfg.variant == "gemv" and m == 1 and not kw.fp8:
-        atomic = cfg.split_k > 1
-        y = (torch.zeros if atomic else torch.empty)((1, kw.n), device=x2.device,
-                                                     dtype=torch.float32 if atomic else x2.dtype)
+        cfg = fit_split(cfg, 1, kw.n)
+        y = torch.empty((1, kw.n), device=x2.device, dtype=x2.dtype)
+        part = split_k.workspace(cfg.split_k, 1, kw.n, x2.device) if cfg.split_k > 1 else y
         grid = (triton.cdiv(kw.n, cfg.block_n), cfg.split_k)
         _wint_gemv_kernel[grid](
-            x2, kw.data, kw.scale, kw.zero, bias, y, kw.n, kw.k, group, cfg.split_k,
-            BITS=kw.bits, CONTAINER=kw.container, HAS_ZERO=kw.zero is not None, HAS_BIAS=bias is not None,
-            ATOMIC=atomic, CHUNK=gemv_chunk(cfg, kw.group, kw.k), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        return y.to(x2.dtype) if atomic else y
+            x2, kw.data, kw.scale, kw.zero, bias, y, part, split_k.counters(x2.device), kw.n, kw.k, group,
+            cfg.split_k, BITS=kw.bits, CONTAINER=kw.container, HAS_ZERO=kw.zero is not None,
+            HAS_BIAS=bias is not None, SPLIT=cfg.split_k > 1, CHUNK=gemv_chunk(cfg, kw.group, kw.k),
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return y
     if cfg.variant not in TILED:  # a variant that does not apply here (e.g. gemv for M > 1)
         cfg = fit_block_k(Config(16 if m <= 16 else 64, 64, 64), kw.group, kw.k)
-    atomic = cfg.split_k > 1
-    y = (torch.zeros if atomic else torch.empty)((m, kw.n), device=x2.device,
-                                                 dtype=torch.float32 if atomic else x2.dtype)
+    cfg = fit_split(cfg, m, kw.n)
+    y = torch.empty((m, kw.n), device=x2.device, dtype=x2.dtype)
+    part = split_k.workspace(cfg.split_k, m, kw.n, x2.device) if cfg.split_k > 1 else y
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(kw.n, cfg.block_n), cfg.split_k)
     _wint_a16_kernel[grid](
-        x2, kw.data, kw.scale, kw.zero, bias, y,
+        x2, kw.data, kw.scale, kw.zero, bias, y, part, split_k.counters(x2.device),
         m, kw.n, kw.k, group, x2.stride(0), y.stride(0), cfg.split_k,
         BITS=kw.bits, CONTAINER=kw.container if not kw.fp8 else 8, W_FP8=kw.fp8, HAS_ZERO=kw.zero is not None,
-        HAS_BIAS=bias is not None, ATOMIC=atomic, INTERPRET=interpreting(),
+        HAS_BIAS=bias is not None, SPLIT=cfg.split_k > 1, INTERPRET=interpreting(),
         UNPACK_ONCE=cfg.variant.endswith("-once") and not kw.fp8, PRESCALE=cfg.variant.startswith("scaled"),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return y.to(x2.dtype) if atomic else y
+    return y
+
+
+def fit_split(cfg: Config, m: int, n: int) -> Config:
+    """No split when the output has more tiles than there are split-K counters."""
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    return cfg._replace(split_k=1) if tiles > split_k.MAX_TILES else cfg
 
 
 def wint_a16_linear(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = None,
