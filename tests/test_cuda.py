@@ -54,3 +54,27 @@ def test_tuner_times_the_gpu_work_of_a_call():
     four = graph_time_ms([lambda: a @ a] * 4, None)
     assert 0 < small < big
     assert 3.0 < four / big < 5.0
+
+
+@pytest.mark.parametrize("recipe", ["w4 g32 asym", "w8 g0 a8"])
+def test_split_k_kernels_under_compiled_cuda_graphs(recipe, monkeypatch):
+    # every kernel call split over K (the last program of each tile adds up the partials), in a
+    # model compiled with CUDA graphs and replayed: the split-K counters must not be allocated
+    # in the graph's memory pool, and must be back at zero after every replay
+    from qfx.lowering.kernels import act_quant_gemm, split_k, wint_a16
+    from qfx.lowering.kernels.tuning import Config
+
+    monkeypatch.setenv("QFX_TUNE", "0")  # the first candidate runs
+    monkeypatch.setattr(wint_a16, "candidates", lambda m, g, k: [Config(1 if m == 1 else 16, 32, 32, 4,
+                                                                         variant="gemv" if m == 1 else "scaled")])
+    monkeypatch.setattr(act_quant_gemm, "candidates", lambda *args, **kwargs: [Config(16, 32, 32, 4)])
+    q = qfx.quantize(tiny_model("llama", dtype=torch.bfloat16).cuda(), recipe)
+    ids = torch.randint(0, 128, (1, 1), device="cuda")
+    torch._dynamo.reset()
+    compiled = torch.compile(q, backend="qfx", options={"triton.cudagraphs": True})
+    with torch.no_grad():
+        eager = q(ids)
+        for _ in range(4):  # warm-up, record, replays
+            out = compiled(ids)
+    torch.testing.assert_close(out.float(), eager.float(), rtol=2e-2, atol=2e-2)
+    assert torch.count_nonzero(split_k.counters(torch.device("cuda", 0))) == 0

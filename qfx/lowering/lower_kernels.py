@@ -19,7 +19,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qfx.lowering.constant_inputs import ConstantInputs
-from qfx.lowering.kernels import act_quant_gemm, wint_a16
+from qfx.lowering.kernels import act_quant_gemm, split_k, wint_a16
 from qfx.lowering.kernels.layout import kernel_weight
 from qfx.ops import NO_ACT_QUANT
 
@@ -86,6 +86,7 @@ def lower_kernels(gm: GraphModule, example_inputs, constants: ConstantInputs) ->
         if not check(kw):
             unsupported.append(f"{node.name}: shape not supported by {kernel}")
             continue
+        split_k.counters(kw.data.device)  # made now: made during a CUDA-graph warm-up it would sit in the graph's pool
         attrs = {f: constants.add(f"_qfx_kernel_{lowered}_{f}", getattr(kw, f)) for f in ("data", "scale", "zero")}
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(KERNEL_LINEAR, (x, attrs["data"], attrs["scale"], attrs["zero"], bias, a_scale,

@@ -8,9 +8,10 @@ itself in on the tile's counter (an atomic add, acquire-release at GPU scope); t
 that arrives last reads every partial back, writes y in its dtype and sets the counter back to
 zero, so the counters are zero again for the next call without a memset.
 
-The counters live in one zeroed int32 buffer per device, made on first use (outside any
-CUDA-graph capture, as the first call of a compiled model runs eagerly). Calls that share it
-must not run concurrently on different streams.
+The counters live in one zeroed int32 buffer per device. The backend makes it when it lowers
+a linear, at compile time: made on first use inside torch.compile's CUDA-graph warm-up, it
+would be an allocation of the graph's memory pool that outlives the graph. Calls that share
+it must not run concurrently on different streams.
 """
 
 from __future__ import annotations
