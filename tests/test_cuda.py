@@ -64,6 +64,7 @@ def test_split_k_kernels_under_compiled_cuda_graphs(recipe, monkeypatch):
     from qfx.lowering.kernels import act_quant_gemm, split_k, wint_a16
     from qfx.lowering.kernels.tuning import Config
 
+    monkeypatch.setattr(split_k, "_counters", {})  # as in a fresh process
     monkeypatch.setenv("QFX_TUNE", "0")  # the first candidate runs
     monkeypatch.setattr(wint_a16, "candidates", lambda m, g, k: [Config(1 if m == 1 else 16, 32, 32, 4,
                                                                          variant="gemv" if m == 1 else "scaled")])
