@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from qfx.lowering.kernels import interpreting
+
 MAX_TILES = 1 << 16  # output tiles a split call may have (counters: 256 KB per device)
 _counters: dict[torch.device, torch.Tensor] = {}
 
@@ -37,6 +39,15 @@ def workspace(split_k: int, m: int, n: int, device: torch.device) -> torch.Tenso
     return torch.empty((split_k, m, n), dtype=torch.float32, device=device)
 
 
+_FENCE = tl.constexpr(not interpreting())  # the interpreter runs programs one after another: nothing to order
+
+
+@triton.jit
+def release_fence():
+    """This thread's earlier global writes become visible GPU-wide before its later ones."""
+    tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
 @triton.jit
 def store_tile(acc, y_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, part_ptr, cnt_ptr, tile, M, N,
                SPLIT_K, SPLIT: tl.constexpr):
@@ -47,7 +58,9 @@ def store_tile(acc, y_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, part_ptr, 
     if SPLIT:
         part = part_ptr + offs_m[:, None] * N + offs_n[None, :]
         tl.store(part + tl.program_id(1) * M * N, acc, mask=mask)
-        tl.debug_barrier()  # every thread's partial is stored before the release below
+        if _FENCE:  # each thread publishes its part of the partial, then all meet, then one counts
+            release_fence()
+        tl.debug_barrier()
         arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:
             total = tl.zeros(acc.shape, dtype=tl.float32)
