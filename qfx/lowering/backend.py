@@ -7,7 +7,9 @@ Steps on the Dynamo graph:
 1. with `options["recipe"]` (calibration-free recipes only), quantize the graph's linears
    (`quantize_on_the_fly`);
 2. on CUDA, lower each `qfx::quantized_linear` that a Triton kernel computes to
-   `qfx::kernel_linear` over weights re-packed for that kernel (`lower_kernels`);
+   `qfx::kernel_linear` over weights re-packed for that kernel, taking in the online rotation
+   (`qfx::hadamard`) that feeds an int8/fp8-activation one, and lower the other rotations to
+   `qfx::kernel_hadamard` (`lower_kernels`);
 3. fuse kernel linears that read the same input (q, k, v; gate, up) into one wider launch
    (`fuse_siblings`);
 4. hand the graph to Inductor, with the remaining qfx ops' reference implementations as

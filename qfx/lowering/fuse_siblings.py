@@ -9,7 +9,7 @@ Exact: every output column is computed from its own weight column, scale and zer
 
 Requires: `lower_kernels` has run (`qfx::kernel_linear` nodes over the constants it added).
 Guarantees: siblings that agree on kernel, bits, group, K, weight layout, the presence of zero
-points and the activation-scale node are replaced by views of one fused node; others are left
+points, the activation-scale node and the rotation factor are replaced by views of one fused node; others are left
 as they are. The siblings' own packed weights are no longer read (the backend prunes them).
 """
 
@@ -30,8 +30,8 @@ def _sibling_groups(gm: GraphModule, inputs: dict[Node, torch.Tensor]) -> list[l
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target != KERNEL_LINEAR:
             continue
-        x, data, _scale, zero, _bias, a_scale, kernel, bits, group, _n, k = node.args
-        key = (x, kernel, bits, group, k, inputs[data].dtype, zero is None, a_scale)
+        x, data, _scale, zero, _bias, a_scale, kernel, bits, group, _n, k, *mix = node.args
+        key = (x, kernel, bits, group, k, inputs[data].dtype, zero is None, a_scale, *mix)
         groups[key].append(node)
     return [nodes for nodes in groups.values() if len(nodes) > 1]
 
@@ -54,7 +54,7 @@ def fuse_sibling_kernels(gm: GraphModule, example_inputs, constants: ConstantInp
     inputs = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs))
     replaced = made = 0
     for nodes in _sibling_groups(gm, inputs):
-        x, data0, _, zero0, _, a_scale, kernel, bits, group, _, k = nodes[0].args
+        x, data0, _, zero0, _, a_scale, kernel, bits, group, _, k, *mix = nodes[0].args
         rows_layout = inputs[data0].dtype != torch.int32  # "rows": (N, K); "packed": (K / per_word, N)
         data = torch.cat([inputs[n.args[1]] for n in nodes], dim=0 if rows_layout else 1)
         scale = torch.cat([inputs[n.args[2]] for n in nodes], dim=1)  # (G, N)
@@ -68,7 +68,8 @@ def fuse_sibling_kernels(gm: GraphModule, example_inputs, constants: ConstantInp
             if node is not None:
                 inputs[node] = t
         with gm.graph.inserting_before(nodes[0]):  # after x; before every sibling's users
-            fused = gm.graph.call_function(KERNEL_LINEAR, (x, *fields, a_scale, kernel, bits, group, sum(widths), k))
+            fused = gm.graph.call_function(KERNEL_LINEAR, (x, *fields, a_scale, kernel, bits, group, sum(widths), k,
+                                                           *mix))
             starts = [sum(widths[:i]) for i in range(len(nodes))]
             views = [gm.graph.call_function(torch.narrow, (fused, -1, s, w)) for s, w in zip(starts, widths)]
         for node, view in zip(nodes, views):

@@ -11,6 +11,10 @@ why.
 Lowered: weight-only int (any bits, groups that are a multiple of 16 or per channel) and fp8
 weights with bf16/fp16 activations; int8 activations with symmetric int weights (groups a
 multiple of 32 or per channel); fp8 activations with fp8 weights.
+
+Online rotations (`qfx::hadamard`, QuaRot's R3/R4): one that feeds an int8/fp8-activation
+linear is taken into it ("hadamard_act_quant": x rotated and quantized in one pass); the others
+become `qfx::kernel_hadamard`, where `kernels.hadamard_rows.supported` allows their size.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qfx.lowering.constant_inputs import ConstantInputs
-from qfx.lowering.kernels import act_quant_gemm, split_k, wint_a16
+from qfx.lowering.kernels import act_quant_gemm, hadamard_rows, split_k, wint_a16
 from qfx.lowering.kernels.layout import kernel_weight
 from qfx.ops import NO_ACT_QUANT
 
 QUANTIZED_LINEAR = torch.ops.qfx.quantized_linear.default
 KERNEL_LINEAR = torch.ops.qfx.kernel_linear.default
+HADAMARD = torch.ops.qfx.hadamard.default
+KERNEL_HADAMARD = torch.ops.qfx.kernel_hadamard.default
 
 
 def tensor_behind(node, inputs: dict[Node, torch.Tensor], gm: GraphModule):
@@ -38,9 +44,26 @@ def tensor_behind(node, inputs: dict[Node, torch.Tensor], gm: GraphModule):
     raise ValueError(f"{node.name}: quantized_linear tensors must be graph inputs or constants, got {node.op}")
 
 
+def _value(node: Node):
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
 def _x_dtype(node: Node) -> torch.dtype | None:
-    val = node.args[0].meta.get("example_value", node.args[0].meta.get("val"))
-    return getattr(val, "dtype", None)
+    return getattr(_value(node.args[0]), "dtype", None)
+
+
+class _Mixes:
+    """One constant input per rotation size for the `mix` factor of the kernels that rotate."""
+
+    def __init__(self, constants: ConstantInputs):
+        self.constants, self.nodes = constants, {}
+
+    def get(self, n: int, device: torch.device) -> Node | None:
+        if (n, device) not in self.nodes:
+            mix = hadamard_rows.mix_factor(n)
+            self.nodes[n, device] = None if mix is None else self.constants.add(
+                f"_qfx_hadamard_mix_{n}_{len(self.nodes)}", mix.to(device))
+        return self.nodes[n, device]
 
 
 def choose_kernel(w_bits, group_size, w_zero, a_bits, fp8: bool, x_dtype) -> tuple[str | None, str]:
@@ -64,7 +87,8 @@ def lower_kernels(gm: GraphModule, example_inputs, constants: ConstantInputs) ->
     """Rewrite in place, adding the packed weights to `constants`; returns
     {"lowered": count, "unsupported": [reasons]}."""
     inputs = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs))
-    lowered, unsupported = 0, []
+    lowered, fused_rotations, unsupported = 0, 0, []
+    mixes = _Mixes(constants)
     for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target == QUANTIZED_LINEAR]:
         x, qw, w_scale, w_zero, bias, w_bits, group_size, in_features, a_bits, a_scale, *rest = node.args
         if rest and rest[0] != 1.0:
@@ -88,16 +112,52 @@ def lower_kernels(gm: GraphModule, example_inputs, constants: ConstantInputs) ->
             continue
         split_k.counters(kw.data.device)  # made now: made during a CUDA-graph warm-up it would sit in the graph's pool
         attrs = {f: constants.add(f"_qfx_kernel_{lowered}_{f}", getattr(kw, f)) for f in ("data", "scale", "zero")}
+        extra = ()
+        if kernel == "act_quant" and _is_hadamard(x) and hadamard_rows.supported(kw.k)[0]:
+            kernel, extra, x = "hadamard_act_quant", (mixes.get(kw.k, kw.data.device),), x.args[0]
+            fused_rotations += 1
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(KERNEL_LINEAR, (x, attrs["data"], attrs["scale"], attrs["zero"], bias, a_scale,
-                                                        kernel, kw.bits, kw.group, kw.n, kw.k))
+                                                        kernel, kw.bits, kw.group, kw.n, kw.k, *extra))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         lowered += 1
+    rotations = _lower_rotations(gm, mixes, unsupported)
     gm.graph.lint()
     gm.recompile()
-    return {"lowered": lowered, "unsupported": unsupported}
+    return {"lowered": lowered, "rotations_fused": fused_rotations, "rotations_lowered": rotations,
+            "unsupported": unsupported}
+
+
+def _is_hadamard(node) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target == HADAMARD
+
+
+def _lower_rotations(gm: GraphModule, mixes: _Mixes, unsupported: list[str]) -> int:
+    """`qfx::hadamard` -> `qfx::kernel_hadamard` where the kernel takes it; drops rotations whose
+    only reader was fused into a GEMM. Returns how many were lowered."""
+    lowered = 0
+    for node in [n for n in gm.graph.nodes if _is_hadamard(n)]:
+        if not node.users:
+            gm.graph.erase_node(node)
+            continue
+        val = _value(node.args[0])
+        ok, why = hadamard_rows.supported(val.shape[-1])
+        if not (val.is_cuda or _interpreting()):
+            ok, why = False, f"input on {val.device}, kernels run on CUDA"
+        elif val.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            ok, why = False, f"{val.dtype} input (the kernel takes bf16, fp16 or fp32)"
+        if not ok:
+            unsupported.append(f"{node.name}: {why}")
+            continue
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(KERNEL_HADAMARD, (node.args[0], mixes.get(val.shape[-1], val.device)))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        lowered += 1
+    return lowered
 
 
 def _interpreting() -> bool:

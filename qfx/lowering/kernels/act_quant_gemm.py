@@ -193,11 +193,14 @@ def quantize_rows(x2: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tens
     return q, scale
 
 
-def launch(x2, kw: KernelWeight, a_scale, bias, cfg: Config) -> torch.Tensor:
-    """y (M, N) in x2's dtype for x2 (M, K) contiguous rows, with the given config."""
+def launch(x2, kw: KernelWeight, a_scale, bias, cfg: Config, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y (M, N) with the given config, for x2 (M, K) contiguous rows: float activations (y in
+    their dtype), or already quantized ones (int8 / e4m3 codes, `a_scale` their row scales,
+    y in `out_dtype`)."""
     cfg = fit_block_k(cfg, kw.group, kw.k)
-    out_dtype = x2.dtype
-    a_mode = 1 if a_scale is not None else 0
+    quantized = x2.dtype in (torch.int8, torch.float8_e4m3fn)
+    out_dtype = out_dtype or x2.dtype
+    a_mode = 2 if quantized else 1 if a_scale is not None else 0
     if a_mode == 0 and cfg.variant.startswith("prequant"):
         x2, a_scale = quantize_rows(x2, kw.fp8)
         a_mode = 2
@@ -220,25 +223,41 @@ def launch(x2, kw: KernelWeight, a_scale, bias, cfg: Config) -> torch.Tensor:
 
 
 def act_quant_linear(x: torch.Tensor, kw: KernelWeight, a_scale: torch.Tensor | None = None,
-                     bias: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
-    """x (..., K) bf16/fp16/fp32 -> (..., N); a_scale: static per-tensor scale (scalar) or None."""
+                     bias: torch.Tensor | None = None, config: Config | None = None, hadamard: bool = False,
+                     mix: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) bf16/fp16/fp32 -> (..., N); a_scale: static per-tensor scale (scalar) or None.
+
+    hadamard: the GEMM reads x @ H_K (the online rotation `qfx::hadamard`; `mix` is its factor
+    `hadamard_rows.mix_factor(K)`), rotated and, with dynamic scales, quantized per row in one
+    pass over x (`hadamard_rows.hadamard_quantize_rows`)."""
     x2 = x.reshape(-1, kw.k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
+    out_dtype = x.dtype
+    if hadamard:
+        from qfx.lowering.kernels.hadamard_rows import hadamard_quantize_rows, hadamard_rows
+
+        if a_scale is None:
+            x2, a_scale = hadamard_quantize_rows(x2, mix, kw.fp8)
+        else:
+            x2 = hadamard_rows(x2, mix)
     if config is None:
         m = x2.shape[0]
         key = (f"act_quant/{tuning.m_bucket(m)}/{kw.n}/{kw.k}/{kw.bits}/{kw.fp8}/{kw.group}/"
-               f"{a_scale is not None}/{x.dtype}")
+               f"{a_scale is not None}/{x2.dtype}")
         config = tuning.pick(key, candidates(m, kw.group, kw.k, packed=kw.layout == "packed"),
-                             lambda c: launch(x2, kw, a_scale, bias, c))
-    return launch(x2, kw, a_scale, bias, config).reshape(*x.shape[:-1], kw.n)
+                             lambda c: launch(x2, kw, a_scale, bias, c, out_dtype))
+    return launch(x2, kw, a_scale, bias, config, out_dtype).reshape(*x.shape[:-1], kw.n)
 
 
 def act_quant_ref(x: torch.Tensor, kw: KernelWeight, a_scale: torch.Tensor | None = None,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The kernel's function in plain PyTorch (the same math as `qfx.ops.quantized_linear_ref`)."""
-    from qfx.ops import fake_quantize_activation
+                  bias: torch.Tensor | None = None, hadamard: bool = False) -> torch.Tensor:
+    """The kernel's function in plain PyTorch (the same math as `qfx.ops.quantized_linear_ref`,
+    after `qfx.ops.hadamard_ref` with `hadamard`)."""
+    from qfx.ops import fake_quantize_activation, hadamard_ref
 
+    if hadamard:
+        x = hadamard_ref(x)
     xq = fake_quantize_activation(x, 8, a_scale, fp8=kw.fp8)
     y = xq @ dequantize_kernel_weight(kw).T
     return (y if bias is None else y + bias.float()).to(x.dtype)
