@@ -65,7 +65,8 @@ def _last_json(out: str) -> dict:
 def run_qfx(method: str, setting: str, a, fp: bool) -> dict:
     cmd = [sys.executable, "-m", "qfx.cli", "quantize", "--method", method, *SETTINGS[setting], *common_args(a),
            "--search-samples", str(a.search_samples), "--spin-steps", str(a.spin_steps),
-           "--spin-batch", str(a.spin_batch), "--spin-schedule", a.spin_schedule, "--spin-weights", a.spin_weights,
+           "--spin-lr", str(a.spin_lr), "--spin-batch", str(a.spin_batch), "--spin-schedule", a.spin_schedule,
+           "--spin-weights", a.spin_weights,
            "--calib-batch-size", str(a.calib_batch_size), "--json", "--quiet"]
     if not fp:
         cmd.append("--no-fp-eval")
@@ -143,6 +144,7 @@ def main() -> None:
     p.add_argument("--calib-batch-size", type=int, default=8, help="qfx: calibration samples per pass through a block")
     p.add_argument("--search-samples", type=int, default=16, help="qfx AWQ: samples its scale search runs on")
     p.add_argument("--spin-steps", type=int, default=100, help="qfx SpinQuant: Cayley SGD steps")
+    p.add_argument("--spin-lr", type=float, default=1.5, help="qfx SpinQuant: Cayley SGD step size")
     p.add_argument("--spin-batch", type=int, default=1, help="qfx SpinQuant: samples per Cayley step")
     p.add_argument("--spin-schedule", choices=("constant", "linear"), default="constant",
                    help="qfx SpinQuant: step size schedule")
@@ -200,7 +202,8 @@ def header(a, torch, transformers) -> dict:
         "(Wikipedia lead sections, not the evaluation text); block-by-block calibration, qfx running "
         f"{a.calib_batch_size} samples per pass through a block; qfx AWQ searches on "
         f"{a.search_samples} samples; qfx SpinQuant takes {a.spin_steps} Cayley steps, "
-        f"{'one sample' if a.spin_batch == 1 else f'{a.spin_batch} samples'} each, {a.spin_schedule} step size, "
+        f"{'one sample' if a.spin_batch == 1 else f'{a.spin_batch} samples'} each, {a.spin_schedule} step size "
+        f"{a.spin_lr}, "
         f"weights while learning: {a.spin_weights}; "
         "W4A4 is int4 per-channel symmetric weights and int4 per-token activations (a-clip0.9: each token's "
         "range clipped to 0.9 of its max |x|); peak_mem_mb is the process's peak RSS on CPU, peak allocated GPU memory "

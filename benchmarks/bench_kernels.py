@@ -10,6 +10,9 @@ that the set exceeds L2 (cold weights, as in a model where every layer's weights
 the graph is replayed >= 10 times and the median replay time, divided by `copies`, is the time
 per call. qfx W8A8 / FP8 / W4A8 times include the per-token activation quantization;
 torch._int_mm and torch._scaled_mm times are the GEMM alone on pre-quantized activations.
+Formats ending in "_had" read x @ H_K (QuaRot's online rotation) rotated and quantized in one
+pass before the GEMM; their peers are the same GEMM without the rotation (the overhead is
+time / that time - 1) and the rotation as the reference op followed by the GEMM (unfused).
 Roofline: bytes a call must move (weights with scales and zeros, x, y) over the copy bandwidth
 measured in this run, and FLOPs over the matching tensor-core rate measured in this run (bf16
 for weight-only; fp8 for fp8; for int8 the larger of torch._int_mm's and the fp8 rate, since
@@ -36,7 +39,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qfx.config import QuantSpec, weight_spec  # noqa: E402
-from qfx.lowering.kernels import act_quant_gemm, tuning, wint_a16  # noqa: E402
+from qfx.lowering.kernels import act_quant_gemm, hadamard_rows, tuning, wint_a16  # noqa: E402
+from qfx.ops import hadamard_ref  # noqa: E402
 from qfx.lowering.kernels.layout import KernelWeight, kernel_weight  # noqa: E402
 from qfx.passes.quantize_linears import op_group_size, quantize_weight_tensors  # noqa: E402
 
@@ -50,6 +54,7 @@ FORMATS = {  # name: (weight spec, activation bits)
     "fp8": (QuantSpec(bits=8, dtype="fp8", granularity="channel", group_size=None), 8),
     "w4a8_g128": (weight_spec(4, 128, symmetric=True), 8),
 }
+ROTATED = ("w8a8_had", "w4a8_g128_had", "fp8_had")  # FORMATS[name without "_had"], with the online rotation
 L2_COLD_BYTES = 256 << 20  # the weight copies of one timing graph add up to at least this (H100 L2: 50 MB)
 
 
@@ -96,12 +101,18 @@ def clone_kw(kw: KernelWeight) -> KernelWeight:
 
 def qfx_kernel(fmt: str, w: torch.Tensor):
     """(kernel weight, run(x, kw), reference(x, kw)) for one format."""
-    spec, a_bits = FORMATS[fmt]
+    base = fmt.removesuffix("_had")
+    spec, a_bits = FORMATS[base]
     t = quantize_weight_tensors(w, spec)
     kw = kernel_weight(t["qweight"], t["w_scale"], t.get("w_zero"), spec.bits, op_group_size(spec), w.shape[1],
-                       int8_rows=fmt == "w8a8")
+                       int8_rows=base == "w8a8")
     if a_bits == 16:
         return kw, wint_a16.wint_a16_linear, wint_a16.wint_a16_ref
+    if fmt != base:
+        mix = hadamard_rows.mix_factor(w.shape[1])
+        mix = None if mix is None else mix.to(w.device)
+        return (kw, lambda x, c: act_quant_gemm.act_quant_linear(x, c, hadamard=True, mix=mix),
+                lambda x, c: act_quant_gemm.act_quant_ref(x, c, hadamard=True))
     return kw, act_quant_gemm.act_quant_linear, act_quant_gemm.act_quant_ref
 
 
@@ -167,9 +178,15 @@ def bench_shape(name: str, n: int, k: int, ms: list[int], formats: list[str], ro
                 sa = torch.rand(m, 1, device="cuda") + 0.5
                 peers["scaled_mm_fp8_rowwise_us"] = graph_time_us([
                     lambda c=c: torch._scaled_mm(x8, c.data.T, sa, c.scale, out_dtype=torch.bfloat16) for c in kws])
+            if fmt in ROTATED:
+                peers["no_rotation_us"] = graph_time_us([lambda c=c: act_quant_gemm.act_quant_linear(x, c) for c in kws])
+                peers["unfused_us"] = graph_time_us([lambda c=c: act_quant_gemm.act_quant_linear(hadamard_ref(x), c)
+                                                     for c in kws])
+                if "qfx_us" in row:
+                    row["rotation_overhead"] = row["qfx_us"] / peers["no_rotation_us"] - 1
             row["peers"] = peers
             moved = kw_bytes(kw) + m * k * 2 + m * n * 2
-            rate = roof["bf16" if "a16" in fmt else "fp8" if fmt == "fp8" else "int8"]
+            rate = roof["bf16" if "a16" in fmt else "fp8" if fmt.startswith("fp8") else "int8"]
             row["roofline_us"] = max(moved / roof["bandwidth"], 2 * m * n * k / rate) * 1e6
             if "qfx_us" in row:
                 row["ratio"] = row["cublas_bf16_us"] / row["qfx_us"]
@@ -190,6 +207,16 @@ def markdown(rows: list[dict], header: str) -> str:
         frac = f"{r['roofline_fraction']:.0%}" if "roofline_fraction" in r else "-"
         lines.append(f"| {r['format']} | {r['shape']} | {r['m']} | {r['n']} | {r['k']} | {q} | "
                      f"{r['cublas_bf16_us']:.1f} | {ratio} | {peers} | {r['roofline_us']:.1f} | {frac} |")
+    rotated = [r for r in rows if "rotation_overhead" in r]
+    if rotated:
+        lines += ["", "Online rotation (x @ H_K) fused with activation quantization, against the same GEMM "
+                  "without it and against the reference rotation op followed by the GEMM:", "",
+                  "| format | shape | M | K | with rotation µs | without µs | overhead | unfused µs |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in rotated:
+            p = r["peers"]
+            lines.append(f"| {r['format']} | {r['shape']} | {r['m']} | {r['k']} | {r['qfx_us']:.1f} | "
+                         f"{p['no_rotation_us']:.1f} | {r['rotation_overhead']:+.1%} | {p['unfused_us']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -198,7 +225,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma list of " + ", ".join(SHAPES))
     ap.add_argument("--m", default="1,16,64,256,2048")
-    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--formats", default=",".join(FORMATS), help="comma list of " + ", ".join([*FORMATS, *ROTATED]))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py times CUDA kernels; no CUDA device here")
