@@ -234,9 +234,22 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False) -> torch.Tensor
         h *= 2
     y = y / math.sqrt(p)
     if m_mat is not None:  # row index i = a * p + b: (x (M (x) B))[a', b] = sum_a M[a, a'] (x B)[a, b]
-        m_mat = m_mat.T if transpose else m_mat  # H_p is symmetric, so H_n^T = M^T (x) H_p
-        y = torch.einsum("...ab,ac->...cb", y, m_mat.to(device=y.device, dtype=work))
+        # H_p is symmetric, so H_n^T = M^T (x) H_p
+        y = torch.einsum("...ab,ac->...cb", y, _mix_on(n, transpose, y.device, work))
     return y.reshape(x.shape).to(x.dtype)
+
+
+_DEVICE_COPIES: dict[tuple, torch.Tensor] = {}
+
+
+def _mix_on(n: int, transpose: bool, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """M (or M^T) of `online_factors(n)` on `device` in `dtype`, copied there once: a copy
+    made while a CUDA graph is being captured would be refused."""
+    key = (n, transpose, device, dtype)
+    if key not in _DEVICE_COPIES:
+        m_mat = online_factors(n)[0]
+        _DEVICE_COPIES[key] = (m_mat.T if transpose else m_mat).to(device=device, dtype=dtype)
+    return _DEVICE_COPIES[key]
 
 
 def hadamard_dense(n: int) -> torch.Tensor:

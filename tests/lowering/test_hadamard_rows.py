@@ -10,7 +10,9 @@ from hypothesis import given, settings, strategies as st
 
 from qfx.algorithms.hadamard import online_factors
 from qfx.lowering.kernels.act_quant_gemm import act_quant_linear, act_quant_ref, quantize_rows
-from qfx.lowering.kernels.hadamard_rows import hadamard_quantize_rows, hadamard_rows, mix_factor, split_p, supported
+from qfx.algorithms.hadamard import hadamard_dense, hadamard_matrix
+from qfx.lowering.kernels.hadamard_rows import (hadamard_quantize_rows, hadamard_rows, left_factor, mix_factor,
+                                                supported)
 from qfx.ops import hadamard_ref
 from tests.lowering.test_kernels import DEVICE, make_weight, rand_x, rel_err
 
@@ -25,9 +27,16 @@ def _factor(n):
 
 def test_size_split_covers_the_sizes_used_here():
     assert {n: _factor(n) for n in (1536, 3584, 14336)} == {1536: (12, 128), 3584: (28, 128), 14336: (28, 512)}
-    for p in (16, 128, 256, 512, 8192, 16384):
-        p1, p2 = split_p(p)
-        assert p1 * p2 == p and (p1 == 1 or 16 <= p1 <= 128) and 16 <= p2 <= 128
+
+
+@pytest.mark.parametrize("n", [64, 256, 1024, 192, 1536, 3584, 188 * 16])
+def test_kernel_factors_rebuild_the_rotation(n):
+    """L (x) H_C times the output scale is the reference's H_n, in float64."""
+    lt, scale, c = left_factor(n)
+    left = torch.ones(1, 1, dtype=torch.float64) if lt is None else lt.double().T.contiguous()
+    torch.testing.assert_close(torch.kron(left, hadamard_matrix(c)) * scale, hadamard_dense(n), rtol=0, atol=1e-6)
+    if n in (3584, 1536, 1024):  # Hadamard factors: stored as +-1, exact in every dtype
+        assert torch.equal(left.abs(), torch.ones_like(left))
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -42,13 +51,15 @@ def test_rotation_matches_reference_in_float32(n):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n", [64, 1536, 3584])
 def test_rotation_in_half_precision_rounds_like_the_reference(n, dtype):
-    """Both compute in float32 and round once to x's dtype: outputs differ only where the two
-    float32 values sit on either side of a rounding boundary (here at most 0.5% of them), by one
-    unit in the last place, or, for values near zero, by the float32 error of the sums."""
+    """Both round once to x's dtype: outputs differ only where the two values before rounding
+    sit on either side of a rounding boundary, by one unit in the last place, or, for values
+    near zero, by the error of the sums. The interpreter sums in float32 (at most 0.5% of the
+    outputs differ); a GPU takes bf16 rows' second product in TF32 (within about 2^-11 of
+    float32, so more of them, up to a quarter)."""
     x = rand_x(9, n, dtype)
     mix = mix_factor(n)
     y, ref = hadamard_rows(x, None if mix is None else mix.to(DEVICE)).float(), hadamard_ref(x).float()
-    assert (y != ref).float().mean() <= 5e-3
+    assert (y != ref).float().mean() <= (5e-3 if DEVICE == "cpu" or dtype == torch.float16 else 0.25)
     ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
     torch.testing.assert_close(y, ref, rtol=ulp, atol=1e-5 * float(x.abs().max()))
 
@@ -73,13 +84,13 @@ def test_rotate_and_quantize_matches_quantizing_the_reference_rotation(n, fp8):
         assert ((codes - codes_ref).abs() <= codes_ref.abs() / 8 + 2 ** -9).all()
     else:
         assert (codes - codes_ref).abs().max() <= 1
-    assert (codes != codes_ref).float().mean() <= 1e-2
+    assert (codes != codes_ref).float().mean() <= (1e-2 if DEVICE == "cpu" else 5e-2)  # TF32 on a GPU: see above
 
 
 def test_sizes_without_a_kernel_are_refused_with_the_reason():
     assert supported(14336) == (True, "")
-    ok, why = supported(11008)  # 172 x 64: the 172 x 172 factor does not fit one program
-    assert not ok and "172" in why
+    ok, why = supported(11008)  # 172 x 64: a 172 x 172 dense factor
+    assert not ok and "172 x 172" in why
     ok, why = supported(24)  # 12 x 2
     assert not ok and "below 16" in why
 

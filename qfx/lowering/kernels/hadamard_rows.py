@@ -2,25 +2,30 @@
 activation quantization.
 
 y = x @ H_n for each row x (n,), with H_n = M (x) H_p / sqrt(p) as in
-`qfx.algorithms.hadamard.online_factors` (M: m x m orthogonal, None when m = 1; p a power of
-two). Viewing a row as X (m, p), X[a, b] = x[a p + b], the rotated row is M^T X H_p / sqrt(p).
-H_p is Sylvester's +-1 matrix, H_p = H_p1 (x) H_p2, so X H_p is two small products: over the
-last axis of X viewed as (m p1, p2), then over the p1 axis. All three products (H_p2, H_p1, M^T)
-run on tensor cores at float32 accuracy ("tf32x3": three TF32 products per float32 one): for a
-Llama-3-8B down projection (n = 14336 = 28 x 512) that is 16 + 32 + 28 multiply-adds per
-element, instead of the n of a dense rotation.
+`qfx.algorithms.hadamard.online_factors` (M: m x m orthogonal, none when m = 1; H_p Sylvester's
++-1 matrix, p a power of two). Sylvester's matrix splits as H_p = H_(p/C) (x) H_C, so with
+C = min(p, 128) and L = M (x) H_(p/C) (R x R, R = n / C), viewing a row as X (R, C) row-major
+gives y = L^T X H_C, times 1/sqrt(p): two tensor-core products on the row as it lies in memory,
+with no transposes. When M is a Hadamard matrix, L is stored with entries +-1 (exact in any
+dtype) and the 1/sqrt(m) joins the final scale.
 
-One program holds ROWS rows (one when m > 1), each padded to MP x p (MP = m rounded up to a
-power of two, at least 16 because tensor-core products need 16 rows), in registers. It either
-stores the rotated rows in x's dtype (`hadamard_rows`) or rounds them to x's dtype (as the
-unfused graph does) and quantizes each row as `act_quant_gemm.quantize_rows` does: int8 codes
-or e4m3 values and a float32 scale per row (`hadamard_quantize_rows`), which the act-quant GEMM
-then reads instead of x. Rows too long for registers (MP p > 32768), factors m > 64 and p < 16
-are not supported: `supported(n)` says so and the graph keeps the reference op.
+Precision: X H_C runs on x's dtype (bf16 / fp16 values times +-1: exact products, float32
+sums); L^T (X H_C) on TF32 for bf16 x (10-bit mantissas: the result is within about 2^-11 of
+float32 before it is rounded to bf16's 8 bits), else on three TF32 products ("tf32x3",
+float32-accurate).
+
+One program holds one row (R > 1, padded to RP = max(16, next power of two) rows of the view)
+or ROWS rows (R = 1, n <= 128: y = X H_C on a (ROWS, C) tile). It either stores the rotated rows
+in x's dtype (`hadamard_rows`) or rounds them to x's dtype (as the unfused graph does) and
+quantizes each row as `act_quant_gemm.quantize_rows` does: int8 codes or e4m3 values and a
+float32 scale per row (`hadamard_quantize_rows`), which the act-quant GEMM then reads instead
+of x. Sizes with R > 128 (e.g. 11008 = 172 x 64) or p < 16 are not supported: `supported(n)`
+says so and the graph keeps the reference op.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -30,8 +35,7 @@ import triton.language as tl
 from qfx.lowering.kernels import interpreting
 from qfx.lowering.kernels.act_quant_gemm import quantize_tile_fp8, quantize_tile_int8
 
-MAX_ROW_TILE = 32768  # MP * p elements held in registers by one program
-MAX_M = 64
+MAX_R = 128  # rows of the (R, C) view of one x row: the dense factor L is at most 128 x 128
 
 
 @triton.jit
@@ -48,107 +52,110 @@ def sylvester(N: tl.constexpr):
 @triton.jit
 def round_to_bf16_grid(v):
     """float32 v rounded half-to-even to bfloat16's grid, still float32. Used under the Triton
-    interpreter only, whose float32 -> bfloat16 cast truncates; GPUs round."""
+    interpreter only (EXACT_BF16_CAST), whose float32 -> bfloat16 cast truncates; GPUs round."""
     bits = v.to(tl.int32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # -65536 = 0xFFFF0000
     return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _hadamard_rows_kernel(x_ptr, mix_ptr, y_ptr, s_ptr, R, stride_xm, stride_ym, inv_sqrt_p,
-                          M_FACT: tl.constexpr, MP: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-                          ROWS: tl.constexpr, QUANT: tl.constexpr, FP8: tl.constexpr,
+def _hadamard_rows_kernel(x_ptr, lt_ptr, y_ptr, s_ptr, ROWS_TOTAL, stride_xm, stride_ym, out_scale,
+                          R: tl.constexpr, RP: tl.constexpr, C: tl.constexpr, ROWS: tl.constexpr,
+                          QUANT: tl.constexpr, FP8: tl.constexpr, PRECISION: tl.constexpr,
                           EXACT_FP8_CAST: tl.constexpr, EXACT_BF16_CAST: tl.constexpr):
-    """x (R, m p1 p2) -> y = rotated x in x's dtype (QUANT false) or codes with scales at s_ptr."""
-    P: tl.constexpr = P1 * P2
-    row0 = tl.program_id(0) * ROWS
-    # rows of the first view: (row, a, i) -> r = (row * MP + a) * P1 + i; column j
-    r = tl.arange(0, ROWS * MP * P1)
-    j = tl.arange(0, P2)
-    row = row0 + r // (MP * P1)
-    a = (r // P1) % MP
-    src = row[:, None] * stride_xm + (a * P + (r % P1) * P2)[:, None] + j[None, :]
-    ok = ((row < R) & (a < M_FACT))[:, None] & (j < P2)[None, :]
-    x = tl.load(x_ptr + src, mask=ok, other=0.0).to(tl.float32)
-    t = tl.dot(x, sylvester(P2), input_precision="tf32x3")  # (ROWS MP P1, P2): over j
-    if P1 > 1:  # over i: bring it last, (row, a, j) x i
-        t = tl.permute(tl.reshape(t, (ROWS * MP, P1, P2)), (0, 2, 1))
-        t = tl.dot(tl.reshape(t, (ROWS * MP * P2, P1)), sylvester(P1), input_precision="tf32x3")
-    t = tl.reshape(t, (ROWS * MP, P))  # column c = j * P1 + i, i.e. element a * P + i * P2 + j
-    if M_FACT > 1:  # ROWS == 1: left-multiply by M^T (padded with zeros to MP x MP)
-        ia = tl.arange(0, MP)
-        mix_t = tl.load(mix_ptr + ia[None, :] * M_FACT + ia[:, None],
-                        mask=(ia[:, None] < M_FACT) & (ia[None, :] < M_FACT), other=0.0)
-        t = tl.dot(mix_t, t, input_precision="tf32x3")
-    t = tl.reshape(t * inv_sqrt_p, (ROWS, MP * P))
-    c = tl.arange(0, MP * P)
-    dst_col = (c // P) * P + (c % P1) * P2 + (c % P) // P1
-    rows = row0 + tl.arange(0, ROWS)
-    ok = (rows < R)[:, None] & (c // P < M_FACT)[None, :]
+    """x (ROWS_TOTAL, R C) -> rotated rows in x's dtype at y_ptr (QUANT false), or their codes at
+    y_ptr and scales at s_ptr. lt_ptr: L^T (R x R, float32, row-major; unused when R = 1)."""
+    # tile rows: (row, r) -> row * RP + r with r the row of the (R, C) view; columns: c
+    t_rows = tl.arange(0, ROWS * RP)
+    c = tl.arange(0, C)
+    row = tl.program_id(0) * ROWS + t_rows // RP
+    r = t_rows % RP
+    offs = (r * C)[:, None] + c[None, :]
+    ok = ((row < ROWS_TOTAL) & (r < R))[:, None] & (c < C)[None, :]
+    x = tl.load(x_ptr + row[:, None] * stride_xm + offs, mask=ok, other=0.0)
+    h = sylvester(C)
+    if x.dtype == tl.float32:
+        t = tl.dot(x, h, input_precision=PRECISION)
+    elif EXACT_BF16_CAST:  # the interpreter: its bfloat16 products are not reliable, float32 ones are exact here
+        t = tl.dot(x.to(tl.float32), h)
+    else:  # bf16 / fp16 values times +-1: exact products, float32 sums
+        t = tl.dot(x, h.to(x.dtype), out_dtype=tl.float32)
+    if R > 1:  # ROWS == 1: left-multiply by L^T, zero-padded to RP x RP
+        i = tl.arange(0, RP)
+        lt = tl.load(lt_ptr + i[:, None] * R + i[None, :], mask=(i[:, None] < R) & (i[None, :] < R), other=0.0)
+        t = tl.dot(lt, t, input_precision=PRECISION)
+    t = t * out_scale
     if EXACT_BF16_CAST:
         t = round_to_bf16_grid(t)
     t = t.to(x_ptr.dtype.element_ty)
-    if QUANT:
+    dst = y_ptr + row[:, None] * stride_ym + offs
+    if QUANT:  # per row of x: ROWS == 1 (the whole tile) or RP == 1 (each tile row)
         v = t.to(tl.float32)
-        amax = tl.max(tl.abs(v), axis=1)
+        if ROWS == 1:
+            amax = tl.zeros((RP,), tl.float32) + tl.max(tl.max(tl.abs(v), axis=1), axis=0)
+        else:
+            amax = tl.max(tl.abs(v), axis=1)
         scale = tl.maximum(tl.math.div_rn(amax, 448.0 if FP8 else 127.5), 1e-12)
-        inv = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), scale)
+        inv = tl.math.div_rn(tl.full((ROWS * RP,), 1.0, tl.float32), scale)
         if FP8:
             q = quantize_tile_fp8(v, inv, EXACT_FP8_CAST)
         else:
             q = quantize_tile_int8(v, inv)
-        tl.store(y_ptr + rows[:, None] * stride_ym + dst_col[None, :], q, mask=ok)
-        tl.store(s_ptr + rows, scale, mask=rows < R)
+        tl.store(dst, q, mask=ok)
+        tl.store(s_ptr + row, scale, mask=(row < ROWS_TOTAL) & (r == 0))
     else:
-        tl.store(y_ptr + rows[:, None] * stride_ym + dst_col[None, :], t, mask=ok)
+        tl.store(dst, t, mask=ok)
 
 
-def split_p(p: int) -> tuple[int, int]:
-    """p = p1 * p2 with both factors in [16, 128] (p1 = 1 when p <= 128)."""
-    if p <= 128:
-        return 1, p
-    p1 = max(16, p // 128)
-    return p1, p // p1
+@functools.lru_cache(maxsize=None)
+def left_factor(n: int) -> tuple[torch.Tensor | None, float, int]:
+    """(L^T (R x R float32, None when R = 1), the output scale, C) for rows of size n."""
+    from qfx.algorithms.hadamard import hadamard_matrix, online_factors
+
+    m_mat, p = online_factors(n)
+    c = min(p, 128)
+    m = 1 if m_mat is None else m_mat.shape[0]
+    scale = 1.0 / math.sqrt(p)
+    if m_mat is not None and torch.equal((m_mat * math.sqrt(m)).round().abs(), torch.ones(m, m, dtype=m_mat.dtype)):
+        m_mat, scale = (m_mat * math.sqrt(m)).round(), 1.0 / math.sqrt(n)  # +-1 entries: exact in every dtype
+    left = hadamard_matrix(p // c)
+    if m_mat is not None:
+        left = torch.kron(m_mat, left)
+    return (None if left.shape[0] == 1 else left.T.contiguous().float()), scale, c
 
 
 def mix_factor(n: int) -> torch.Tensor | None:
-    """M of `online_factors(n)` as float32 (m, m), or None when n is a power of two."""
-    from qfx.algorithms.hadamard import online_factors
-
-    m_mat, _ = online_factors(n)
-    return None if m_mat is None else m_mat.float()
+    """The factor tensor the kernel reads for rows of size n (L^T, see the module docstring),
+    or None when it needs none (n <= 128). Place it on x's device once, outside CUDA graphs."""
+    return left_factor(n)[0]
 
 
 def supported(n: int) -> tuple[bool, str]:
     """(whether rows of length n run here, the reason when not)."""
     from qfx.algorithms.hadamard import online_factors
 
-    m_mat, p = online_factors(n)
-    m = 1 if m_mat is None else m_mat.shape[0]
-    mp = 1 if m == 1 else max(16, triton.next_power_of_2(m))
+    _, p = online_factors(n)
     if p < 16:
         return False, f"rotation of size {n}: its power-of-two factor {p} is below 16"
-    if m > MAX_M:
-        return False, f"rotation of size {n}: its factor m = {m} is above {MAX_M}"
-    if mp * p > MAX_ROW_TILE:
-        return False, f"rotation of size {n}: a padded row of {mp * p} elements is above {MAX_ROW_TILE}"
+    if n // min(p, 128) > MAX_R:
+        return False, (f"rotation of size {n}: its dense factor would be {n // min(p, 128)} x {n // min(p, 128)}, "
+                       f"above {MAX_R} x {MAX_R}")
     return True, ""
 
 
-def _launch(x2: torch.Tensor, mix: torch.Tensor | None, out: torch.Tensor, scale: torch.Tensor | None,
+def _launch(x2: torch.Tensor, lt: torch.Tensor | None, out: torch.Tensor, scale: torch.Tensor | None,
             fp8: bool = False) -> None:
-    r, n = x2.shape
-    m = 1 if mix is None else mix.shape[0]
-    p = n // m
-    p1, p2 = split_p(p)
-    mp = 1 if m == 1 else max(16, triton.next_power_of_2(m))
-    rows = 1 if m > 1 else max(1, 16 // p1)
-    tile = rows * mp * p
-    _hadamard_rows_kernel[(triton.cdiv(r, rows),)](
-        x2, out if mix is None else mix, out, scale if scale is not None else out, r, x2.stride(0), out.stride(0),
-        1.0 / math.sqrt(p), M_FACT=m, MP=mp, P1=p1, P2=p2, ROWS=rows, QUANT=scale is not None, FP8=fp8,
+    rows_total, n = x2.shape
+    _, out_scale, c = left_factor(n)
+    r = n // c
+    rp = 1 if r == 1 else max(16, triton.next_power_of_2(r))
+    rows = 1 if r > 1 else max(16, 4096 // c)
+    _hadamard_rows_kernel[(triton.cdiv(rows_total, rows),)](
+        x2, out if lt is None else lt, out, scale if scale is not None else out, rows_total, x2.stride(0),
+        out.stride(0), out_scale, R=r, RP=rp, C=c, ROWS=rows, QUANT=scale is not None, FP8=fp8,
+        PRECISION="tf32" if x2.dtype == torch.bfloat16 else "tf32x3",
         EXACT_FP8_CAST=fp8 and interpreting(), EXACT_BF16_CAST=x2.dtype == torch.bfloat16 and interpreting(),
-        num_warps=8 if tile >= 8192 else 4)
+        num_warps=8 if rows * rp * c >= 8192 else 4)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
