@@ -61,7 +61,8 @@ def test_rotation_in_half_precision_rounds_like_the_reference(n, dtype):
     y, ref = hadamard_rows(x, None if mix is None else mix.to(DEVICE)).float(), hadamard_ref(x).float()
     assert (y != ref).float().mean() <= (5e-3 if DEVICE == "cpu" or dtype == torch.float16 else 0.25)
     ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
-    torch.testing.assert_close(y, ref, rtol=ulp, atol=1e-5 * float(x.abs().max()))
+    atol = (1e-5 if DEVICE == "cpu" or dtype == torch.float16 else 5e-4) * float(x.abs().max())
+    torch.testing.assert_close(y, ref, rtol=ulp, atol=atol)
 
 
 def test_rotation_reads_strided_rows_and_keeps_leading_dims():

@@ -151,18 +151,20 @@ def _act_quant_gemm_kernel(
 
 
 def candidates(m: int, group: int, k: int, packed: bool = False) -> list[Config]:
-    """Explicit configs by M bucket; int8/fp8 dots want BLOCK_K >= 32. Above M = 64 the
-    activations are quantized by a separate pass ("prequant"), so the GEMM reads int8/e4m3 x once
-    per N tile instead of re-quantizing it in every one. For packed (int4..) weights each config
+    """Explicit configs by M bucket; int8/fp8 dots want BLOCK_K >= 32. "prequant" configs quantize
+    the activations in a separate pass first, so the GEMM reads int8/e4m3 x once per N tile
+    instead of re-quantizing it in every one (always above M = 64; up to 64, both compete: the
+    extra launch against the re-quantizing). For packed (int4..) weights each config
     also comes as "<variant>-once": each word of a W tile loaded once and shifted per code."""
     if m <= 16:
         cfgs = [Config(16, n, bk, s, 4, st) for n, bk, s, st in
                 [(64, 128, 1, 4), (64, 256, 2, 3), (32, 256, 4, 4), (128, 128, 4, 4), (64, 128, 8, 4), (32, 128, 1, 4),
                  (64, 256, 4, 3)]]
+        cfgs += [c._replace(variant="prequant") for c in cfgs]
     elif m <= 64:
         cfgs = [Config(bm, n, bk, s, 4, st) for bm, n, bk, s, st in
                 [(64, 64, 128, 1, 4), (32, 64, 128, 2, 4), (64, 128, 128, 2, 4), (32, 32, 256, 1, 4), (64, 64, 128, 4, 4)]]
-        cfgs += [c._replace(variant="prequant") for c in cfgs[:2]]
+        cfgs += [c._replace(variant="prequant") for c in cfgs]
     elif m <= 256:
         cfgs = [Config(bm, n, bk, 1, w, st, variant="prequant") for bm, n, bk, w, st in
                 [(64, 128, 128, 4, 4), (128, 128, 128, 8, 3), (64, 64, 128, 4, 4), (128, 64, 128, 4, 4),
@@ -245,8 +247,10 @@ def act_quant_linear(x: torch.Tensor, kw: KernelWeight, a_scale: torch.Tensor | 
         m = x2.shape[0]
         key = (f"act_quant/{tuning.m_bucket(m)}/{kw.n}/{kw.k}/{kw.bits}/{kw.fp8}/{kw.group}/"
                f"{a_scale is not None}/{x2.dtype}")
-        config = tuning.pick(key, candidates(m, kw.group, kw.k, packed=kw.layout == "packed"),
-                             lambda c: launch(x2, kw, a_scale, bias, c, out_dtype))
+        cands = candidates(m, kw.group, kw.k, packed=kw.layout == "packed")
+        if x2.dtype != x.dtype:  # already quantized: "prequant" has nothing left to do
+            cands = list(dict.fromkeys(c._replace(variant=c.variant.replace("prequant", "tiled")) for c in cands))
+        config = tuning.pick(key, cands, lambda c: launch(x2, kw, a_scale, bias, c, out_dtype))
     return launch(x2, kw, a_scale, bias, config, out_dtype).reshape(*x.shape[:-1], kw.n)
 
 

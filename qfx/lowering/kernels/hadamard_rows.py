@@ -14,8 +14,9 @@ sums); L^T (X H_C) on TF32 for bf16 x (10-bit mantissas: the result is within ab
 float32 before it is rounded to bf16's 8 bits), else on three TF32 products ("tf32x3",
 float32-accurate).
 
-One program holds one row (R > 1, padded to RP = max(16, next power of two) rows of the view)
-or ROWS rows (R = 1, n <= 128: y = X H_C on a (ROWS, C) tile). It either stores the rotated rows
+A program builds H_C and L^T once and loops over tiles of 128 view rows: ROWS = 128 / RP x rows
+(RP = R rounded up to a power of two, at least 16; one x row when R > 64), with L^T repeated
+along the diagonal, so every product is 128 x C x C or 128 x 128 x C. It either stores the rotated rows
 in x's dtype (`hadamard_rows`) or rounds them to x's dtype (as the unfused graph does) and
 quantizes each row as `act_quant_gemm.quantize_rows` does: int8 codes or e4m3 values and a
 float32 scale per row (`hadamard_quantize_rows`), which the act-quant GEMM then reads instead
@@ -64,47 +65,51 @@ def _hadamard_rows_kernel(x_ptr, lt_ptr, y_ptr, s_ptr, ROWS_TOTAL, stride_xm, st
                           QUANT: tl.constexpr, FP8: tl.constexpr, PRECISION: tl.constexpr,
                           EXACT_FP8_CAST: tl.constexpr, EXACT_BF16_CAST: tl.constexpr):
     """x (ROWS_TOTAL, R C) -> rotated rows in x's dtype at y_ptr (QUANT false), or their codes at
-    y_ptr and scales at s_ptr. lt_ptr: L^T (R x R, float32, row-major; unused when R = 1)."""
-    # tile rows: (row, r) -> row * RP + r with r the row of the (R, C) view; columns: c
+    y_ptr and scales at s_ptr. lt_ptr: L^T (R x R, float32, row-major; unused when R = 1).
+
+    Each program builds H_C and the left factor once, then loops over tiles of ROWS rows of x:
+    tile row t = row * RP + r holds row r of one x row's (R, C) view (zeros for r >= R)."""
     t_rows = tl.arange(0, ROWS * RP)
     c = tl.arange(0, C)
-    row = tl.program_id(0) * ROWS + t_rows // RP
     r = t_rows % RP
-    offs = (r * C)[:, None] + c[None, :]
-    ok = ((row < ROWS_TOTAL) & (r < R))[:, None] & (c < C)[None, :]
-    x = tl.load(x_ptr + row[:, None] * stride_xm + offs, mask=ok, other=0.0)
     h = sylvester(C)
-    if x.dtype == tl.float32:
-        t = tl.dot(x, h, input_precision=PRECISION)
-    elif EXACT_BF16_CAST:  # the interpreter: its bfloat16 products are not reliable, float32 ones are exact here
-        t = tl.dot(x.to(tl.float32), h)
-    else:  # bf16 / fp16 values times +-1: exact products, float32 sums
-        t = tl.dot(x, h.to(x.dtype), out_dtype=tl.float32)
-    if R > 1:  # ROWS == 1: left-multiply by L^T, zero-padded to RP x RP
-        i = tl.arange(0, RP)
-        lt = tl.load(lt_ptr + i[:, None] * R + i[None, :], mask=(i[:, None] < R) & (i[None, :] < R), other=0.0)
-        t = tl.dot(lt, t, input_precision=PRECISION)
-    t = t * out_scale
-    if EXACT_BF16_CAST:
-        t = round_to_bf16_grid(t)
-    t = t.to(x_ptr.dtype.element_ty)
-    dst = y_ptr + row[:, None] * stride_ym + offs
-    if QUANT:  # per row of x: ROWS == 1 (the whole tile) or RP == 1 (each tile row)
-        v = t.to(tl.float32)
-        if ROWS == 1:
-            amax = tl.zeros((RP,), tl.float32) + tl.max(tl.max(tl.abs(v), axis=1), axis=0)
+    if x_ptr.dtype.element_ty != tl.float32 and not EXACT_BF16_CAST:
+        h = h.to(x_ptr.dtype.element_ty)
+    if R > 1:  # block-diagonal: L^T once per x row of the tile, zero-padded to RP x RP
+        same = (t_rows[:, None] // RP) == (t_rows[None, :] // RP)
+        lt = tl.load(lt_ptr + r[:, None] * R + r[None, :], mask=same & (r[:, None] < R) & (r[None, :] < R), other=0.0)
+    for tile in range(tl.program_id(0), tl.cdiv(ROWS_TOTAL, ROWS), tl.num_programs(0)):
+        row = tile * ROWS + t_rows // RP
+        offs = (r * C)[:, None] + c[None, :]
+        ok = ((row < ROWS_TOTAL) & (r < R))[:, None] & (c < C)[None, :]
+        x = tl.load(x_ptr + row[:, None] * stride_xm + offs, mask=ok, other=0.0)
+        if x.dtype == tl.float32:
+            t = tl.dot(x, h, input_precision=PRECISION)
+        elif EXACT_BF16_CAST:  # the interpreter: its products of bf16 tiles made in the kernel are unreliable
+            t = tl.dot(x.to(tl.float32), h)
+        else:  # bf16 / fp16 values times +-1: exact products, float32 sums
+            t = tl.dot(x, h, out_dtype=tl.float32)
+        if R > 1:
+            t = tl.dot(lt, t, input_precision=PRECISION)
+        t = t * out_scale
+        if EXACT_BF16_CAST:
+            t = round_to_bf16_grid(t)
+        t = t.to(x_ptr.dtype.element_ty)
+        dst = y_ptr + row[:, None] * stride_ym + offs
+        if QUANT:  # one scale per x row: the max over its RP tile rows
+            v = t.to(tl.float32)
+            amax = tl.max(tl.reshape(tl.max(tl.abs(v), axis=1), (ROWS, RP)), axis=1)
+            amax = tl.reshape(tl.broadcast_to(amax[:, None], (ROWS, RP)), (ROWS * RP,))
+            scale = tl.maximum(tl.math.div_rn(amax, 448.0 if FP8 else 127.5), 1e-12)
+            inv = tl.math.div_rn(tl.full((ROWS * RP,), 1.0, tl.float32), scale)
+            if FP8:
+                q = quantize_tile_fp8(v, inv, EXACT_FP8_CAST)
+            else:
+                q = quantize_tile_int8(v, inv)
+            tl.store(dst, q, mask=ok)
+            tl.store(s_ptr + row, scale, mask=(row < ROWS_TOTAL) & (r == 0))
         else:
-            amax = tl.max(tl.abs(v), axis=1)
-        scale = tl.maximum(tl.math.div_rn(amax, 448.0 if FP8 else 127.5), 1e-12)
-        inv = tl.math.div_rn(tl.full((ROWS * RP,), 1.0, tl.float32), scale)
-        if FP8:
-            q = quantize_tile_fp8(v, inv, EXACT_FP8_CAST)
-        else:
-            q = quantize_tile_int8(v, inv)
-        tl.store(dst, q, mask=ok)
-        tl.store(s_ptr + row, scale, mask=(row < ROWS_TOTAL) & (r == 0))
-    else:
-        tl.store(dst, t, mask=ok)
+            tl.store(dst, t, mask=ok)
 
 
 @functools.lru_cache(maxsize=None)
@@ -149,13 +154,21 @@ def _launch(x2: torch.Tensor, lt: torch.Tensor | None, out: torch.Tensor, scale:
     _, out_scale, c = left_factor(n)
     r = n // c
     rp = 1 if r == 1 else max(16, triton.next_power_of_2(r))
-    rows = 1 if r > 1 else max(16, 4096 // c)
-    _hadamard_rows_kernel[(triton.cdiv(rows_total, rows),)](
+    rows = max(1, 128 // rp)  # tiles of 128 (R, C)-view rows, at least one x row
+    tiles = triton.cdiv(rows_total, rows)
+    # the interpreter runs two programs, so that its tests take the loop over tiles too
+    programs = min(tiles, 2 if interpreting() else 4 * _sm_count(x2.device))
+    _hadamard_rows_kernel[(programs,)](
         x2, out if lt is None else lt, out, scale if scale is not None else out, rows_total, x2.stride(0),
         out.stride(0), out_scale, R=r, RP=rp, C=c, ROWS=rows, QUANT=scale is not None, FP8=fp8,
         PRECISION="tf32" if x2.dtype == torch.bfloat16 else "tf32x3",
         EXACT_FP8_CAST=fp8 and interpreting(), EXACT_BF16_CAST=x2.dtype == torch.bfloat16 and interpreting(),
         num_warps=8 if rows * rp * c >= 8192 else 4)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
