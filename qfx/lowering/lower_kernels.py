@@ -113,7 +113,7 @@ def lower_kernels(gm: GraphModule, example_inputs, constants: ConstantInputs) ->
         split_k.counters(kw.data.device)  # made now: made during a CUDA-graph warm-up it would sit in the graph's pool
         attrs = {f: constants.add(f"_qfx_kernel_{lowered}_{f}", getattr(kw, f)) for f in ("data", "scale", "zero")}
         extra = ()
-        if kernel == "act_quant" and _is_hadamard(x) and hadamard_rows.supported(kw.k)[0]:
+        if kernel == "act_quant" and _is_hadamard(x) and hadamard_rows.supported(kw.k, _x_dtype(node))[0]:
             kernel, extra, x = "hadamard_act_quant", (mixes.get(kw.k, kw.data.device),), x.args[0]
             fused_rotations += 1
         with gm.graph.inserting_before(node):
@@ -143,11 +143,12 @@ def _lower_rotations(gm: GraphModule, mixes: _Mixes, unsupported: list[str]) -> 
             gm.graph.erase_node(node)
             continue
         val = _value(node.args[0])
-        ok, why = hadamard_rows.supported(val.shape[-1])
         if not (val.is_cuda or _interpreting()):
             ok, why = False, f"input on {val.device}, kernels run on CUDA"
         elif val.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             ok, why = False, f"{val.dtype} input (the kernel takes bf16, fp16 or fp32)"
+        else:
+            ok, why = hadamard_rows.supported(val.shape[-1], val.dtype)
         if not ok:
             unsupported.append(f"{node.name}: {why}")
             continue

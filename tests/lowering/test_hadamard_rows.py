@@ -49,7 +49,7 @@ def test_rotation_matches_reference_in_float32(n):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n", [64, 1536, 3584])
+@pytest.mark.parametrize("n", [64, 1536, 3584, 14336])
 def test_rotation_in_half_precision_rounds_like_the_reference(n, dtype):
     """Both round once to x's dtype: outputs differ only where the two values before rounding
     sit on either side of a rounding boundary, by one unit in the last place, or, for values
@@ -90,6 +90,8 @@ def test_rotate_and_quantize_matches_quantizing_the_reference_rotation(n, fp8):
 
 def test_sizes_without_a_kernel_are_refused_with_the_reason():
     assert supported(14336) == (True, "")
+    ok, why = supported(14336, torch.float32)  # 112 rows of 128: float32 tiles hold 64
+    assert not ok and "float32" in why
     ok, why = supported(11008)  # 172 x 64: a 172 x 172 dense factor
     assert not ok and "172 x 172" in why
     ok, why = supported(24)  # 12 x 2

@@ -14,13 +14,13 @@ sums); L^T (X H_C) on TF32 for bf16 x (10-bit mantissas: the result is within ab
 float32 before it is rounded to bf16's 8 bits), else on three TF32 products ("tf32x3",
 float32-accurate).
 
-A program builds H_C and L^T once and loops over tiles of 128 view rows: ROWS = 128 / RP x rows
-(RP = R rounded up to a power of two, at least 16; one x row when R > 64), with L^T repeated
-along the diagonal, so every product is 128 x C x C or 128 x 128 x C. It either stores the rotated rows
+A program builds H_C and L^T once and loops over tiles of 128 view rows (64 for float32 x):
+ROWS = 128 / RP x rows (RP = R rounded up to a power of two, at least 16; one x row when R > 64),
+with L^T repeated along the diagonal, so every product is 128 x C x C or 128 x 128 x C. It either stores the rotated rows
 in x's dtype (`hadamard_rows`) or rounds them to x's dtype (as the unfused graph does) and
 quantizes each row as `act_quant_gemm.quantize_rows` does: int8 codes or e4m3 values and a
 float32 scale per row (`hadamard_quantize_rows`), which the act-quant GEMM then reads instead
-of x. Sizes with R > 128 (e.g. 11008 = 172 x 64) or p < 16 are not supported: `supported(n)`
+of x. Sizes with R > 128 (e.g. 11008 = 172 x 64; R > 64 for float32 x) or p < 16 are not supported: `supported(n)`
 says so and the graph keeps the reference op.
 """
 
@@ -36,7 +36,6 @@ import triton.language as tl
 from qfx.lowering.kernels import interpreting
 from qfx.lowering.kernels.act_quant_gemm import quantize_tile_fp8, quantize_tile_int8
 
-MAX_R = 128  # rows of the (R, C) view of one x row: the dense factor L is at most 128 x 128
 
 
 @triton.jit
@@ -135,16 +134,17 @@ def mix_factor(n: int) -> torch.Tensor | None:
     return left_factor(n)[0]
 
 
-def supported(n: int) -> tuple[bool, str]:
-    """(whether rows of length n run here, the reason when not)."""
+def supported(n: int, dtype: torch.dtype = torch.bfloat16) -> tuple[bool, str]:
+    """(whether rows of length n in `dtype` run here, the reason when not)."""
     from qfx.algorithms.hadamard import online_factors
 
     _, p = online_factors(n)
+    r = n // min(p, 128)
     if p < 16:
         return False, f"rotation of size {n}: its power-of-two factor {p} is below 16"
-    if n // min(p, 128) > MAX_R:
-        return False, (f"rotation of size {n}: its dense factor would be {n // min(p, 128)} x {n // min(p, 128)}, "
-                       f"above {MAX_R} x {MAX_R}")
+    if triton.next_power_of_2(r) > _tile_rows(dtype):
+        return False, (f"rotation of size {n}: its dense factor would be {r} x {r}, above "
+                       f"{_tile_rows(dtype)} x {_tile_rows(dtype)} for {dtype}")
     return True, ""
 
 
@@ -154,7 +154,7 @@ def _launch(x2: torch.Tensor, lt: torch.Tensor | None, out: torch.Tensor, scale:
     _, out_scale, c = left_factor(n)
     r = n // c
     rp = 1 if r == 1 else max(16, triton.next_power_of_2(r))
-    rows = max(1, 128 // rp)  # tiles of 128 (R, C)-view rows, at least one x row
+    rows = max(1, _tile_rows(x2.dtype) // rp)  # at least one x row per tile
     tiles = triton.cdiv(rows_total, rows)
     # the interpreter runs two programs, so that its tests take the loop over tiles too
     programs = min(tiles, 2 if interpreting() else 4 * _sm_count(x2.device))
@@ -163,7 +163,13 @@ def _launch(x2: torch.Tensor, lt: torch.Tensor | None, out: torch.Tensor, scale:
         out.stride(0), out_scale, R=r, RP=rp, C=c, ROWS=rows, QUANT=scale is not None, FP8=fp8,
         PRECISION="tf32" if x2.dtype == torch.bfloat16 else "tf32x3",
         EXACT_FP8_CAST=fp8 and interpreting(), EXACT_BF16_CAST=x2.dtype == torch.bfloat16 and interpreting(),
-        num_warps=8 if rows * rp * c >= 8192 else 4)
+        num_warps=8 if rows * rp * c >= 8192 else 4, num_stages=1)  # one stage: no tile is prefetched
+
+
+def _tile_rows(dtype: torch.dtype) -> int:
+    """(R, C)-view rows per tile: 128, or 64 for float32 x (whose TF32x3 operands take twice
+    the shared memory)."""
+    return 64 if dtype == torch.float32 else 128
 
 
 @functools.lru_cache(maxsize=None)
