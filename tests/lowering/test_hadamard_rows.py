@@ -32,7 +32,7 @@ def test_size_split_covers_the_sizes_used_here():
 @pytest.mark.parametrize("n", [64, 256, 1024, 192, 1536, 3584, 188 * 16])
 def test_kernel_factors_rebuild_the_rotation(n):
     """L (x) H_C times the output scale is the reference's H_n, in float64."""
-    lt, scale, c = left_factor(n)
+    lt, scale, c, _ = left_factor(n)
     left = torch.ones(1, 1, dtype=torch.float64) if lt is None else lt.double().T.contiguous()
     torch.testing.assert_close(torch.kron(left, hadamard_matrix(c)) * scale, hadamard_dense(n), rtol=0, atol=1e-6)
     if n in (3584, 1536, 1024):  # Hadamard factors: stored as +-1, exact in every dtype

@@ -10,17 +10,19 @@ with no transposes. When M is a Hadamard matrix, L is stored with entries +-1 (e
 dtype) and the 1/sqrt(m) joins the final scale.
 
 Precision: X H_C runs on x's dtype (bf16 / fp16 values times +-1: exact products, float32
-sums); L^T (X H_C) on TF32 for bf16 x (10-bit mantissas: the result is within about 2^-11 of
-float32 before it is rounded to bf16's 8 bits), else on three TF32 products ("tf32x3",
-float32-accurate).
+sums). L^T (X H_C), for bf16 x and a +-1 L, runs as two bf16 products, on the leading bf16 part
+of X H_C and on the rest (about 16 bits in all, against bf16's 8 in the output); otherwise on
+three TF32 products ("tf32x3", float32-accurate). A single TF32 product was too coarse: on an
+H100, W8A8 GEMMs on activations rotated that way differed from the float32-rotated reference by
+0.0045 relative (0.0009 without rotation), fp8 ones by up to 0.012, as more codes moved.
 
-A program builds H_C and L^T once and loops over tiles of 128 view rows (64 for float32 x):
+A program builds H_C and L^T once and loops over tiles of 128 view rows (64 under TF32x3):
 ROWS = 128 / RP x rows (RP = R rounded up to a power of two, at least 16; one x row when R > 64),
 with L^T repeated along the diagonal, so every product is 128 x C x C or 128 x 128 x C. It either stores the rotated rows
 in x's dtype (`hadamard_rows`) or rounds them to x's dtype (as the unfused graph does) and
 quantizes each row as `act_quant_gemm.quantize_rows` does: int8 codes or e4m3 values and a
 float32 scale per row (`hadamard_quantize_rows`), which the act-quant GEMM then reads instead
-of x. Sizes with R > 128 (e.g. 11008 = 172 x 64; R > 64 for float32 x) or p < 16 are not supported: `supported(n)`
+of x. Sizes with R > 128 (e.g. 11008 = 172 x 64; R > 64 under TF32x3) or p < 16 are not supported: `supported(n)`
 says so and the graph keeps the reference op.
 """
 
@@ -61,10 +63,12 @@ def round_to_bf16_grid(v):
 @triton.jit
 def _hadamard_rows_kernel(x_ptr, lt_ptr, y_ptr, s_ptr, ROWS_TOTAL, stride_xm, stride_ym, out_scale,
                           R: tl.constexpr, RP: tl.constexpr, C: tl.constexpr, ROWS: tl.constexpr,
-                          QUANT: tl.constexpr, FP8: tl.constexpr, PRECISION: tl.constexpr,
+                          QUANT: tl.constexpr, FP8: tl.constexpr, SPLIT_BF16: tl.constexpr,
                           EXACT_FP8_CAST: tl.constexpr, EXACT_BF16_CAST: tl.constexpr):
     """x (ROWS_TOTAL, R C) -> rotated rows in x's dtype at y_ptr (QUANT false), or their codes at
     y_ptr and scales at s_ptr. lt_ptr: L^T (R x R, float32, row-major; unused when R = 1).
+    SPLIT_BF16: L has entries +-1 and x is bf16, so L^T T runs as two bf16 products, on T's
+    leading bf16 part and on the rest (about 16 bits of T in all); else on TF32 x 3.
 
     Each program builds H_C and the left factor once, then loops over tiles of ROWS rows of x:
     tile row t = row * RP + r holds row r of one x row's (R, C) view (zeros for r >= R)."""
@@ -77,19 +81,29 @@ def _hadamard_rows_kernel(x_ptr, lt_ptr, y_ptr, s_ptr, ROWS_TOTAL, stride_xm, st
     if R > 1:  # block-diagonal: L^T once per x row of the tile, zero-padded to RP x RP
         same = (t_rows[:, None] // RP) == (t_rows[None, :] // RP)
         lt = tl.load(lt_ptr + r[:, None] * R + r[None, :], mask=same & (r[:, None] < R) & (r[None, :] < R), other=0.0)
+        if SPLIT_BF16 and not EXACT_BF16_CAST:
+            lt = lt.to(tl.bfloat16)
     for tile in range(tl.program_id(0), tl.cdiv(ROWS_TOTAL, ROWS), tl.num_programs(0)):
         row = tile * ROWS + t_rows // RP
         offs = (r * C)[:, None] + c[None, :]
         ok = ((row < ROWS_TOTAL) & (r < R))[:, None] & (c < C)[None, :]
         x = tl.load(x_ptr + row[:, None] * stride_xm + offs, mask=ok, other=0.0)
         if x.dtype == tl.float32:
-            t = tl.dot(x, h, input_precision=PRECISION)
+            t = tl.dot(x, h, input_precision="tf32x3")
         elif EXACT_BF16_CAST:  # the interpreter: its products of bf16 tiles made in the kernel are unreliable
             t = tl.dot(x.to(tl.float32), h)
         else:  # bf16 / fp16 values times +-1: exact products, float32 sums
             t = tl.dot(x, h, out_dtype=tl.float32)
         if R > 1:
-            t = tl.dot(lt, t, input_precision=PRECISION)
+            if SPLIT_BF16 and EXACT_BF16_CAST:  # the interpreter: the same sums, on float32 tiles
+                t_hi = round_to_bf16_grid(t)
+                t = tl.dot(lt, t_hi) + tl.dot(lt, round_to_bf16_grid(t - t_hi))
+            elif SPLIT_BF16:
+                t_hi = t.to(tl.bfloat16)
+                t = tl.dot(lt, t_hi, out_dtype=tl.float32) + tl.dot(lt, (t - t_hi.to(tl.float32)).to(tl.bfloat16),
+                                                                   out_dtype=tl.float32)
+            else:
+                t = tl.dot(lt, t, input_precision="tf32x3")
         t = t * out_scale
         if EXACT_BF16_CAST:
             t = round_to_bf16_grid(t)
@@ -113,19 +127,20 @@ def _hadamard_rows_kernel(x_ptr, lt_ptr, y_ptr, s_ptr, ROWS_TOTAL, stride_xm, st
 
 @functools.lru_cache(maxsize=None)
 def left_factor(n: int) -> tuple[torch.Tensor | None, float, int]:
-    """(L^T (R x R float32, None when R = 1), the output scale, C) for rows of size n."""
+    """(L^T (R x R float32, None when R = 1), the output scale, C, whether L's entries are +-1)
+    for rows of size n."""
     from qfx.algorithms.hadamard import hadamard_matrix, online_factors
 
     m_mat, p = online_factors(n)
     c = min(p, 128)
     m = 1 if m_mat is None else m_mat.shape[0]
-    scale = 1.0 / math.sqrt(p)
+    scale, signs = 1.0 / math.sqrt(p), m_mat is None
     if m_mat is not None and torch.equal((m_mat * math.sqrt(m)).round().abs(), torch.ones(m, m, dtype=m_mat.dtype)):
-        m_mat, scale = (m_mat * math.sqrt(m)).round(), 1.0 / math.sqrt(n)  # +-1 entries: exact in every dtype
+        m_mat, scale, signs = (m_mat * math.sqrt(m)).round(), 1.0 / math.sqrt(n), True  # +-1: exact in every dtype
     left = hadamard_matrix(p // c)
     if m_mat is not None:
         left = torch.kron(m_mat, left)
-    return (None if left.shape[0] == 1 else left.T.contiguous().float()), scale, c
+    return (None if left.shape[0] == 1 else left.T.contiguous().float()), scale, c, signs
 
 
 def mix_factor(n: int) -> torch.Tensor | None:
@@ -140,36 +155,38 @@ def supported(n: int, dtype: torch.dtype = torch.bfloat16) -> tuple[bool, str]:
 
     _, p = online_factors(n)
     r = n // min(p, 128)
+    most = _tile_rows(dtype, left_factor(n)[3]) if p >= 16 else 0
     if p < 16:
         return False, f"rotation of size {n}: its power-of-two factor {p} is below 16"
-    if triton.next_power_of_2(r) > _tile_rows(dtype):
-        return False, (f"rotation of size {n}: its dense factor would be {r} x {r}, above "
-                       f"{_tile_rows(dtype)} x {_tile_rows(dtype)} for {dtype}")
+    if triton.next_power_of_2(r) > most:
+        return False, f"rotation of size {n}: its dense factor would be {r} x {r}, above {most} x {most} for {dtype}"
     return True, ""
 
 
 def _launch(x2: torch.Tensor, lt: torch.Tensor | None, out: torch.Tensor, scale: torch.Tensor | None,
             fp8: bool = False) -> None:
     rows_total, n = x2.shape
-    _, out_scale, c = left_factor(n)
+    _, out_scale, c, signs = left_factor(n)
+    split_bf16 = signs and x2.dtype == torch.bfloat16
     r = n // c
     rp = 1 if r == 1 else max(16, triton.next_power_of_2(r))
-    rows = max(1, _tile_rows(x2.dtype) // rp)  # at least one x row per tile
+    # at least one x row per tile, and no more tile rows than x has
+    rows = max(1, min(_tile_rows(x2.dtype, split_bf16) // rp, triton.next_power_of_2(rows_total)))
     tiles = triton.cdiv(rows_total, rows)
     # the interpreter runs two programs, so that its tests take the loop over tiles too
     programs = min(tiles, 2 if interpreting() else 4 * _sm_count(x2.device))
     _hadamard_rows_kernel[(programs,)](
         x2, out if lt is None else lt, out, scale if scale is not None else out, rows_total, x2.stride(0),
         out.stride(0), out_scale, R=r, RP=rp, C=c, ROWS=rows, QUANT=scale is not None, FP8=fp8,
-        PRECISION="tf32" if x2.dtype == torch.bfloat16 else "tf32x3",
+        SPLIT_BF16=split_bf16,
         EXACT_FP8_CAST=fp8 and interpreting(), EXACT_BF16_CAST=x2.dtype == torch.bfloat16 and interpreting(),
         num_warps=8 if rows * rp * c >= 8192 else 4, num_stages=1)  # one stage: no tile is prefetched
 
 
-def _tile_rows(dtype: torch.dtype) -> int:
-    """(R, C)-view rows per tile: 128, or 64 for float32 x (whose TF32x3 operands take twice
-    the shared memory)."""
-    return 64 if dtype == torch.float32 else 128
+def _tile_rows(dtype: torch.dtype, split_bf16: bool = True) -> int:
+    """Most (R, C)-view rows per tile: 128 where the left product runs on bf16, else 64 (TF32x3
+    operands take twice the shared memory)."""
+    return 128 if dtype == torch.bfloat16 and split_bf16 else 64
 
 
 @functools.lru_cache(maxsize=None)
