@@ -5,7 +5,8 @@ compiled with `backend="qfx"` (Triton kernels on CUDA), on the same WikiText-2 w
 
 Calibration-free recipes (the kernels do not depend on how the codes were chosen). Writes
 compiled_vs_eager.{md,json}: per recipe the eager and compiled perplexity, their relative
-difference, and how many linears the backend lowered to kernels and fused.
+difference, how many linears the backend lowered to kernels and fused, and how many online
+rotations (QuaRot's R3, R4) it took into a GEMM or ran on their own kernel.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from qfx.eval import perplexity  # noqa: E402
 from qfx.lowering.backend import qfx_backend  # noqa: E402
 from qfx.models import load_hf  # noqa: E402
 
-RECIPES = ["w4 g128 asym", "w4 g64 sym", "w8 g0", "w8 g0 a8", "w4 g128 sym a8", "fp8"]
+RECIPES = ["w4 g128 asym", "w4 g64 sym", "w8 g0", "w8 g0 a8", "w4 g128 sym a8", "fp8", "quarot w8 g0 a8", "quarot fp8"]
 
 
 def compiled_perplexity(q, windows, device) -> tuple[float, dict]:
@@ -64,6 +65,8 @@ def main(argv=None) -> int:
         compiled, info = compiled_perplexity(q, windows, a.device)
         rows.append({"recipe": recipe, "eager_ppl": eager, "compiled_ppl": compiled, "rel_diff": compiled / eager - 1,
                      "lowered": info.get("lowered", 0), "fused": info.get("fused", 0),
+                     "rotations_fused": info.get("rotations_fused", 0),
+                     "rotations_lowered": info.get("rotations_lowered", 0),
                      "unsupported": info.get("unsupported", [])[:3]})
         print(json.dumps(rows[-1]), flush=True)
         del q
@@ -77,10 +80,12 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
     lines = ["# SmolLM2-135M: eager qfx ops against torch.compile(backend=\"qfx\")", "",
              f"{meta['date']}, {meta['device']}, torch {meta['torch']}; WikiText-2 test, {meta['eval_windows']} "
              "windows of 2048 tokens; model in bf16.", f"Command: `{meta['command']}`", "",
-             "| recipe | eager ppl | compiled ppl | difference | linears on kernels | of them fused |",
-             "|---|---|---|---|---|---|"]
+             "| recipe | eager ppl | compiled ppl | difference | linears on kernels | of them fused | "
+             "rotations in a GEMM / alone |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['recipe']} | {r['eager_ppl']:.4f} | {r['compiled_ppl']:.4f} | {r['rel_diff']:+.4%} | "
-              f"{r['lowered']} | {r['fused']} |" for r in rows]
+              f"{r['lowered']} | {r['fused']} | {r.get('rotations_fused', 0)} / {r.get('rotations_lowered', 0)} |"
+              for r in rows]
     (out / "compiled_vs_eager.md").write_text("\n".join(lines) + "\n")
 
 

@@ -48,8 +48,8 @@ def test_rotation_matches_reference_in_float32(n):
     torch.testing.assert_close(y, hadamard_ref(x), rtol=0, atol=2e-6 * float(x.abs().max()) * 4)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n", [64, 1536, 3584, 14336])
+@pytest.mark.parametrize("n,dtype", [(n, d) for n in (64, 1536, 3584) for d in (torch.bfloat16, torch.float16)]
+                         + [(14336, torch.bfloat16)])  # fp16 rows of 14336: refused, see below
 def test_rotation_in_half_precision_rounds_like_the_reference(n, dtype):
     """Both round once to x's dtype: outputs differ only where the two values before rounding
     sit on either side of a rounding boundary, by one unit in the last place, or, for values
@@ -90,8 +90,11 @@ def test_rotate_and_quantize_matches_quantizing_the_reference_rotation(n, fp8):
 
 def test_sizes_without_a_kernel_are_refused_with_the_reason():
     assert supported(14336) == (True, "")
-    ok, why = supported(14336, torch.float32)  # 112 rows of 128: float32 tiles hold 64
-    assert not ok and "float32" in why
+    for dtype in (torch.float32, torch.float16):  # 112 rows of 128: TF32x3 tiles hold 64
+        ok, why = supported(14336, dtype)
+        assert not ok and str(dtype) in why
+    with pytest.raises(ValueError, match="172 x 172"):
+        hadamard_rows(rand_x(2, 11008, torch.bfloat16), None)
     ok, why = supported(11008)  # 172 x 64: a 172 x 172 dense factor
     assert not ok and "172 x 172" in why
     ok, why = supported(24)  # 12 x 2

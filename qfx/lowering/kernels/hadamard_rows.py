@@ -166,6 +166,9 @@ def supported(n: int, dtype: torch.dtype = torch.bfloat16) -> tuple[bool, str]:
 def _launch(x2: torch.Tensor, lt: torch.Tensor | None, out: torch.Tensor, scale: torch.Tensor | None,
             fp8: bool = False) -> None:
     rows_total, n = x2.shape
+    ok, why = supported(n, x2.dtype)
+    if not ok:
+        raise ValueError(f"hadamard_rows: {why}; keep the reference op `qfx.ops.hadamard_ref` for it")
     _, out_scale, c, signs = left_factor(n)
     split_bf16 = signs and x2.dtype == torch.bfloat16
     r = n // c
