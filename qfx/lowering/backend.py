@@ -18,6 +18,12 @@ Steps on the Dynamo graph:
 Options: `recipe` (above), `kernels` ("auto": lower on CUDA; "off": never; "on": also under the
 Triton interpreter, for tests), `fuse_siblings` (default True), `decompose` (default True); the rest go to Inductor as config
 patches. What happened is recorded in `gm.meta["qfx"]` of the graph handed over.
+
+Inductor's `emulate_precision_casts` defaults to True here (pass False to turn it off): fused
+bf16/fp16 ops then round their intermediates as eager does. Left off, Inductor keeps them in
+float32, and a per-token activation quantizer downstream sees slightly different inputs; with
+fp8 activations behind QuaRot rotations that alone moved SmolLM2's perplexity by 0.25 % from
+eager (`benchmarks/results/compiled_vs_eager.md`).
 """
 
 from __future__ import annotations
@@ -81,6 +87,7 @@ def qfx_backend(gm: GraphModule, example_inputs, options: dict | None = None):
     recipe = options.pop("recipe", None)
     kernels = options.pop("kernels", "auto")
     fuse = options.pop("fuse_siblings", True)
+    options.setdefault("emulate_precision_casts", True)  # eager's roundings (module docstring)
     info = gm.meta.setdefault("qfx", {})
     gm = _own_copy(gm)
     constants = ConstantInputs(gm)
@@ -102,6 +109,6 @@ def qfx_backend(gm: GraphModule, example_inputs, options: dict | None = None):
     gm.recompile()
     # compile_fx *replaces* its table with the one given: extend Inductor's own, never drop it
     decomps = {**select_decomp_table(), **DECOMPOSITIONS} if decompose else None
-    compiled = compile_fx(gm, constants.example_inputs(example_inputs), config_patches=options or None,
+    compiled = compile_fx(gm, constants.example_inputs(example_inputs), config_patches=options,
                           decompositions=decomps)
     return constants.wrap(compiled)

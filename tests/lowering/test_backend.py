@@ -21,6 +21,22 @@ def test_compiled_matches_eager_on_cpu(llama, token_ids):
     torch.testing.assert_close(out, eager, rtol=1e-3, atol=1e-3)
 
 
+def test_bf16_intermediates_round_as_in_eager():
+    """Inductor keeps fused bf16 intermediates in float32 unless told to emulate eager's casts;
+    the backend turns that on, so quantizers downstream see eager's inputs bit for bit."""
+    def chain(x):  # products and a quotient only: no multiply-add for the compiler to contract
+        y = x * 1.37
+        return (y * y) * 2.9 / (y.abs() + 1.0)
+
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    eager = chain(x)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(chain, backend="qfx")(x), eager)
+    torch._dynamo.reset()  # the option is the user's to turn off, and it is what made the difference
+    off = torch.compile(chain, backend="qfx", options={"emulate_precision_casts": False})(x)
+    assert not torch.equal(off, eager)
+
+
 def _spy(options):
     """A backend that runs "qfx" with `options` and keeps what it recorded."""
     from qfx.lowering.backend import qfx_backend
