@@ -364,7 +364,13 @@ class Recipe:
         kv, kv_group = None, 0
         damp, act_order = 0.01, True
         extra: dict = {}
+        seen: dict[str, str] = {}
         for tok in tokens:
+            key = _setting(tok)
+            if key in seen and not tok.startswith("rule:"):
+                hint = " (a KV-cache group is kv-gN)" if key == "g" else ""
+                raise ConfigError(f"recipe {text!r} sets one thing twice: {seen[key]!r} and {tok!r}; keep one{hint}")
+            seen[key] = tok
             if m := re.fullmatch(r"w(\d+)", tok):
                 w_bits = int(m[1])
             elif m := re.fullmatch(r"g(-?\d+)", tok):
@@ -435,6 +441,19 @@ class Recipe:
 
 _OPTION = re.compile(r"w\d+|g-?\d+|a\d+|a-static|sym|asym|fp8|scale-model|damp.*|act-order|no-act-order|range-search|no-range-search|kv\d+|kv-g\d+|rot-seed\d+|spin-.*|clip.*|a-clip.*|"
                      r"rule:.*|sink.*|sq-alpha.*|gptaq-alpha.*|search\d+")
+
+
+_SAME_SETTING = {"asym": "sym", "no-act-order": "act-order", "no-range-search": "range-search",
+                 "spin-constant": "spin-linear", "sq-alpha-search": "sq-alpha"}
+
+
+def _setting(token: str) -> str:
+    """What a recipe token sets, e.g. "g" for g128 and g-1, "sym" for sym and asym."""
+    if token in _SAME_SETTING:
+        return _SAME_SETTING[token]
+    if token.startswith("spin-weights-"):
+        return "spin-weights"
+    return re.sub(r"[-\d.]+$", "", token)
 
 
 def _checked_weight(bits: int, group: int, sym: bool, clip: float, scale_dtype: str) -> QuantSpec:

@@ -68,6 +68,10 @@ def test_w16_a16_mean_not_quantized():
         ("w4 rule:(=w8", "not a valid regex"),
         ("", "empty recipe"),
         ("w16 a16", "quantizes nothing"),
+        ("w8 g0 a8 kv8 g16", r"sets one thing twice: 'g0' and 'g16'.*kv-gN"),
+        ("w4 sym asym", "sets one thing twice: 'sym' and 'asym'"),
+        ("w4 kv8 kv4", "sets one thing twice: 'kv8' and 'kv4'"),
+        ("spinquant w4 spin-linear spin-constant", "sets one thing twice"),
     ],
 )
 def test_bad_recipes_name_the_problem(text, message):

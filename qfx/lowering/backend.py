@@ -12,8 +12,11 @@ Steps on the Dynamo graph:
    `qfx::kernel_hadamard` (`lower_kernels`);
 3. fuse kernel linears that read the same input (q, k, v; gate, up) into one wider launch
    (`fuse_siblings`);
-4. hand the graph to Inductor, with the remaining qfx ops' reference implementations as
-   decompositions so that Inductor sees plain aten math (on CPU: all of them).
+4. hand the graph to Inductor, with the reference implementations of the remaining
+   `qfx::quantized_linear` and of `qfx::quantize_kv` (the KV-cache quantizer, which Inductor
+   then fuses into one generated kernel with its neighbours) as decompositions, so that
+   Inductor sees plain aten math. A `qfx::hadamard` left over (CPU, or a size the rotation
+   kernel refuses) runs as the op itself.
 
 Options: `recipe` (above), `kernels` ("auto": lower on CUDA; "off": never; "on": also under the
 Triton interpreter, for tests), `fuse_siblings` (default True), `decompose` (default True); the rest go to Inductor as config
@@ -35,10 +38,11 @@ from torch.fx import GraphModule
 import qfx.lowering.kernel_op  # noqa: F401  (registers qfx::kernel_linear)
 from qfx.config import Recipe
 from qfx.lowering.constant_inputs import ConstantInputs
-from qfx.ops import quantized_linear_ref
+from qfx.ops import quantize_kv_ref, quantized_linear_ref
 
 QFX_OPS = (torch.ops.qfx.quantized_linear.default,)
-DECOMPOSITIONS = {torch.ops.qfx.quantized_linear.default: quantized_linear_ref}
+DECOMPOSITIONS = {torch.ops.qfx.quantized_linear.default: quantized_linear_ref,
+                  torch.ops.qfx.quantize_kv.default: quantize_kv_ref}
 KERNEL_MODES = ("auto", "on", "off")
 
 
