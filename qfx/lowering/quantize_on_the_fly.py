@@ -4,10 +4,13 @@
 
 Requires: a Dynamo graph whose linear weights are placeholders (parameters, with their
 tensors in `example_inputs`) or get_attr constants; a calibration-free recipe (RTN weights,
-dynamic or no activation quantization).
+dynamic or no activation quantization, optionally a KV cache); other methods (GPTQ, AWQ,
+SmoothQuant, rotations) are refused, never skipped.
 Guarantees: every linear the recipe selects (module path from the parameter's name; the LM
 head only with `quantize_head` or a rule) becomes `qfx::quantized_linear` over constants
-`_qfx_q_<i>_<field>` (new graph inputs the backend feeds), quantized now from the current weights, exactly as `qfx.quantize` would.
+`_qfx_q_<i>_<field>` (new graph inputs the backend feeds), quantized now from the current
+weights, exactly as `qfx.quantize` would; with a `kv` spec, every attention's keys and values
+pass through `qfx::quantize_kv` first.
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ def module_path(weight: Node) -> str:
 
 
 def check_calibration_free(recipe: Recipe) -> None:
-    if recipe.weight_method != "rtn":
-        raise ConfigError(f"options['recipe'] uses {recipe.weight_method}, which needs calibration data; "
+    others = [m for m in recipe.methods if m != "rtn"]
+    if others:  # calibration (GPTQ, AWQ, SmoothQuant...) or whole-model rewrites (rotations)
+        raise ConfigError(f"options['recipe'] uses {', '.join(others)}, which compiling alone cannot apply "
+                          "(it needs calibration data or rewrites the whole model); "
                           "run qfx.quantize(model, recipe, calib=...) first and compile its result")
     specs = [recipe.act] + [r.act for r in recipe.rules if not isinstance(r.act, str)]
     if any(s is not None and not s.dynamic for s in specs):
@@ -77,6 +82,37 @@ def quantize_on_the_fly(gm: GraphModule, example_inputs, recipe: Recipe, constan
         node.replace_all_uses_with(q)
         gm.graph.erase_node(node)
         done += 1
+    if recipe.kv is not None:
+        quantize_kv_on_the_fly(gm, recipe)
     gm.graph.lint()
     gm.recompile()
     return done
+
+
+# scaled_dot_product_attention as Dynamo records it (a torch function) and as aten
+ATTENTIONS = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention,
+              torch.ops.aten.scaled_dot_product_attention.default)
+
+
+def quantize_kv_on_the_fly(gm: GraphModule, recipe: Recipe) -> None:
+    """Keys and values of every attention through `qfx::quantize_kv`, as `qfx.quantize` does."""
+    spec = recipe.kv
+    attentions = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ATTENTIONS]
+    if not attentions:
+        raise ConfigError("options['recipe'] quantizes the KV cache, but the graph has no "
+                          "scaled_dot_product_attention (load the model with attn_implementation='sdpa')")
+    group = spec.group_size if spec.granularity == "group" else 0
+    for attn in attentions:
+        args = list(attn.args)
+        for i, name in ((1, "key"), (2, "value")):
+            source = args[i] if len(args) > i else attn.kwargs[name]
+            with gm.graph.inserting_before(attn):
+                q = gm.graph.call_function(torch.ops.qfx.quantize_kv.default, (source, spec.bits, group))
+            value = source.meta.get("example_value")
+            if value is not None:  # Dynamo's fake value: the op's own fake gives the output's
+                q.meta["example_value"] = torch.ops.qfx.quantize_kv.default(value, spec.bits, group)
+            if len(args) > i:
+                args[i] = q
+            else:
+                attn.kwargs = {**attn.kwargs, name: q}
+        attn.args = tuple(args)

@@ -105,10 +105,28 @@ def test_compile_quantizes_on_the_fly(token_ids):
 def test_on_the_fly_refuses_recipes_that_need_calibration(token_ids):
     from tests.conftest import tiny_model
 
-    for recipe, word in [("gptq w4 g32", "calibration"), ("w8 a8 a-static", "static")]:
+    for recipe, word in [("gptq w4 g32", "gptq.*calibration"), ("w8 a8 a-static", "static"),
+                         ("quarot w8 g0 a8", "quarot"), ("smoothquant w8 g0 a8", "smoothquant")]:
         backend, _ = _spy({"recipe": recipe})
         with pytest.raises(Exception, match=word):
             torch.compile(tiny_model("llama"), backend=backend)(token_ids)
+
+
+@pytest.mark.parametrize("recipe,kv", [("w4 g32 sym", "kv4"), ("w8 g0 a8", "kv8 kv-g16")])
+def test_on_the_fly_quantizes_the_kv_cache(recipe, kv, token_ids):
+    """The KV part of an on-the-fly recipe is applied, as qfx.quantize applies it."""
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama")
+    backend, seen = _spy({"recipe": f"{recipe} {kv}"})
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = qfx.quantize(model, f"{recipe} {kv}", progress=False)(token_ids)
+        without_kv = qfx.quantize(model, recipe, progress=False)(token_ids)
+        out = torch.compile(model, backend=backend)(token_ids).logits
+    assert seen[0]["quantized_on_the_fly"] == 14
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(out, without_kv, rtol=1e-4, atol=1e-4)  # the KV part changed something
 
 
 @pytest.mark.parametrize("recipe", ["w4 g32 asym", "w8 g0 a8", "fp8"])
