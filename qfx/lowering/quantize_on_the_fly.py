@@ -24,6 +24,7 @@ from qfx.config import ConfigError, Recipe
 from qfx.lowering.constant_inputs import ConstantInputs
 from qfx.ops import NO_ACT_QUANT
 from qfx.passes.annotate_linears import is_head
+from qfx.passes.quantize_kv import insert_kv_quantizers
 from qfx.passes.quantize_linears import op_group_size, quantize_weight_tensors
 
 LINEARS = (torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default)
@@ -82,8 +83,8 @@ def quantize_on_the_fly(gm: GraphModule, example_inputs, recipe: Recipe, constan
         node.replace_all_uses_with(q)
         gm.graph.erase_node(node)
         done += 1
-    if recipe.kv is not None:
-        quantize_kv_on_the_fly(gm, recipe)
+    if recipe.kv is not None:  # keys and values through qfx::quantize_kv, as qfx.quantize puts them
+        insert_kv_quantizers(gm, recipe.kv, ATTENTIONS)
     gm.graph.lint()
     gm.recompile()
     return done
@@ -92,27 +93,3 @@ def quantize_on_the_fly(gm: GraphModule, example_inputs, recipe: Recipe, constan
 # scaled_dot_product_attention as Dynamo records it (a torch function) and as aten
 ATTENTIONS = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention,
               torch.ops.aten.scaled_dot_product_attention.default)
-
-
-def quantize_kv_on_the_fly(gm: GraphModule, recipe: Recipe) -> None:
-    """Keys and values of every attention through `qfx::quantize_kv`, as `qfx.quantize` does."""
-    spec = recipe.kv
-    attentions = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ATTENTIONS]
-    if not attentions:
-        raise ConfigError("options['recipe'] quantizes the KV cache, but the graph has no "
-                          "scaled_dot_product_attention (load the model with attn_implementation='sdpa')")
-    group = spec.group_size if spec.granularity == "group" else 0
-    for attn in attentions:
-        args = list(attn.args)
-        for i, name in ((1, "key"), (2, "value")):
-            source = args[i] if len(args) > i else attn.kwargs[name]
-            with gm.graph.inserting_before(attn):
-                q = gm.graph.call_function(torch.ops.qfx.quantize_kv.default, (source, spec.bits, group))
-            value = source.meta.get("example_value")
-            if value is not None:  # Dynamo's fake value: the op's own fake gives the output's
-                q.meta["example_value"] = torch.ops.qfx.quantize_kv.default(value, spec.bits, group)
-            if len(args) > i:
-                args[i] = q
-            else:
-                attn.kwargs = {**attn.kwargs, name: q}
-        attn.args = tuple(args)
