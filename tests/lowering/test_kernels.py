@@ -205,6 +205,31 @@ def test_fp8_rowwise_gemm_matches_reference():
     assert rel_err(out, act_quant_ref(x, kw)) < TOL[torch.bfloat16]
 
 
+def test_fp8_scaled_mm_candidate_matches_reference():
+    """The cuBLAS candidate: row quantization, then torch._scaled_mm; with a bias, on dynamic and
+    on already-quantized rows (the rotated path), and offered only where it computes the call."""
+    from qfx.lowering.kernels.act_quant_gemm import candidates, launch, quantize_rows, scaled_mm_applies
+
+    kw, _ = make_weight(80, 208, 8, 0, True, fp8=True)
+    x = rand_x(19, 208, torch.bfloat16) * 7
+    bias = torch.randn(80).to(torch.bfloat16).to(DEVICE)
+    cfg = Config(0, 0, 0, variant="scaled_mm")
+    out = act_quant_linear(x, kw, bias=bias, config=cfg)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, act_quant_ref(x, kw, bias=bias)) < TOL[torch.bfloat16]
+    q, s = quantize_rows(x, fp8=True)  # what the rotated path hands over
+    torch.testing.assert_close(launch(q, kw, s, bias, cfg, torch.bfloat16).float(), out.float(), rtol=0, atol=0)
+    assert scaled_mm_applies(kw, None, torch.bfloat16)
+    assert not scaled_mm_applies(kw, torch.tensor(0.1), torch.bfloat16)  # one static scale
+    assert not scaled_mm_applies(kw, None, torch.float16)  # cuBLAS writes row-scaled results in bf16
+    assert not scaled_mm_applies(make_weight(80, 200, 8, 0, True, fp8=True)[0], None, torch.bfloat16)  # K % 16
+    assert not scaled_mm_applies(make_weight(80, 208, 8, 0, True, int8_rows=True)[0], None, torch.bfloat16)
+    assert cfg in candidates(64, 208, 208, scaled_mm=True)
+    assert cfg not in candidates(16, 208, 208, scaled_mm=True) + candidates(64, 208, 208)
+    with pytest.raises(ValueError, match="scaled_mm variant"):
+        act_quant_linear(x.half(), kw, config=cfg)
+
+
 def test_static_activation_scale():
     kw, _ = make_weight(40, 96, 8, 0, True, int8_rows=True)
     x = rand_x(7, 96, torch.bfloat16)

@@ -11,6 +11,12 @@ weight scales multiply once in the epilogue; group-wise ones (W4A8 g64) scale ea
 partial product (BLOCK_K divides the group).
 Weights: int8 codes in the "rows" layout, int4/int2.. codes unpacked from the "packed" layout
 (symmetric: q = u - 2^(bits-1), so that they fit int8), or fp8 rows.
+
+FP8 with per-token scales (dynamic, or codes already quantized) and bf16 output has one more
+candidate, "scaled_mm": the row quantization pass, then `torch._scaled_mm` with row and column
+scales (cuBLAS). The tuner times it against the Triton configs above M = 16; at M = 2048 it
+made the FP8 GEMMs of the Llama-3-8B shapes 1.35-1.47x faster on an H100
+(benchmarks/results/kernels.md), at M = 16 it lost on every one.
 """
 
 from __future__ import annotations
@@ -150,12 +156,13 @@ def _act_quant_gemm_kernel(
                pid_m * tl.cdiv(N, BLOCK_N) + pid_n, M, N, SPLIT_K, SPLIT)
 
 
-def candidates(m: int, group: int, k: int, packed: bool = False) -> list[Config]:
+def candidates(m: int, group: int, k: int, packed: bool = False, scaled_mm: bool = False) -> list[Config]:
     """Explicit configs by M bucket; int8/fp8 dots want BLOCK_K >= 32. "prequant" configs quantize
     the activations in a separate pass first, so the GEMM reads int8/e4m3 x once per N tile
     instead of re-quantizing it in every one (always above M = 64; up to 64, both compete: the
     extra launch against the re-quantizing). For packed (int4..) weights each config
-    also comes as "<variant>-once": each word of a W tile loaded once and shifted per code."""
+    also comes as "<variant>-once": each word of a W tile loaded once and shifted per code.
+    scaled_mm: add the cuBLAS candidate (see the module docstring) above M = 16."""
     if m <= 16:
         cfgs = [Config(16, n, bk, s, 4, st) for n, bk, s, st in
                 [(64, 128, 1, 4), (64, 256, 2, 3), (32, 256, 4, 4), (128, 128, 4, 4), (64, 128, 8, 4), (32, 128, 1, 4),
@@ -175,7 +182,17 @@ def candidates(m: int, group: int, k: int, packed: bool = False) -> list[Config]
                  (128, 128, 128, 4, 4), (128, 256, 64, 8, 4)]]
     if packed:
         cfgs += [c._replace(variant=c.variant + "-once") for c in cfgs]
+    if scaled_mm and m > 16:
+        cfgs.append(Config(0, 0, 0, variant="scaled_mm"))
     return [fit_block_k(c, group, k) for c in cfgs]
+
+
+def scaled_mm_applies(kw: KernelWeight, a_scale: torch.Tensor | None, out_dtype: torch.dtype) -> bool:
+    """Whether the "scaled_mm" candidate computes this call: fp8 per-channel weights, per-token
+    scales (not one static scale) and bf16 output (what cuBLAS's row-wise scaling writes), and
+    N, K multiples of 16 (its layout rule)."""
+    return (kw.fp8 and kw.group >= kw.k and a_scale is None and out_dtype == torch.bfloat16
+            and kw.n % 16 == 0 and kw.k % 16 == 0)
 
 
 def supported(kw: KernelWeight) -> bool:
@@ -203,9 +220,15 @@ def launch(x2, kw: KernelWeight, a_scale, bias, cfg: Config, out_dtype: torch.dt
     quantized = x2.dtype in (torch.int8, torch.float8_e4m3fn)
     out_dtype = out_dtype or x2.dtype
     a_mode = 2 if quantized else 1 if a_scale is not None else 0
-    if a_mode == 0 and cfg.variant.startswith("prequant"):
+    if a_mode == 0 and cfg.variant.startswith(("prequant", "scaled_mm")):
         x2, a_scale = quantize_rows(x2, kw.fp8)
         a_mode = 2
+    if cfg.variant == "scaled_mm":
+        if not (kw.fp8 and a_mode == 2 and out_dtype == torch.bfloat16):
+            raise ValueError("the scaled_mm variant takes fp8 weights, per-token scales and bf16 output")
+        # W rows (N, K) K-contiguous: their transpose is the column-major (K, N) cuBLAS reads
+        return torch._scaled_mm(x2, kw.data.t(), scale_a=a_scale[:, None], scale_b=kw.scale, bias=bias,
+                                out_dtype=out_dtype)
     m = x2.shape[0]
     cfg = fit_split(cfg, m, kw.n)
     y = torch.empty((m, kw.n), device=x2.device, dtype=out_dtype)
@@ -247,7 +270,8 @@ def act_quant_linear(x: torch.Tensor, kw: KernelWeight, a_scale: torch.Tensor | 
         m = x2.shape[0]
         key = (f"act_quant/{tuning.m_bucket(m)}/{kw.n}/{kw.k}/{kw.bits}/{kw.fp8}/{kw.group}/"
                f"{a_scale is not None}/{x2.dtype}")
-        cands = candidates(m, kw.group, kw.k, packed=kw.layout == "packed")
+        cands = candidates(m, kw.group, kw.k, packed=kw.layout == "packed",
+                           scaled_mm=scaled_mm_applies(kw, a_scale if x2.dtype == x.dtype else None, out_dtype))
         if x2.dtype != x.dtype:  # already quantized: "prequant" has nothing left to do
             cands = list(dict.fromkeys(c._replace(variant=c.variant.replace("prequant", "tiled")) for c in cands))
         config = tuning.pick(key, cands, lambda c: launch(x2, kw, a_scale, bias, c, out_dtype))

@@ -16,10 +16,15 @@ three TF32 products ("tf32x3", float32-accurate). A single TF32 product was too 
 H100, W8A8 GEMMs on activations rotated that way differed from the float32-rotated reference by
 0.0045 relative (0.0009 without rotation), fp8 ones by up to 0.012, as more codes moved.
 
-A program builds H_C and L^T once and loops over tiles of 128 view rows (64 under TF32x3):
-ROWS = 128 / RP x rows (RP = R rounded up to a power of two, at least 16; one x row when R > 64),
-with L^T repeated along the diagonal, so every product is 128 x C x C or 128 x 128 x C. It either stores the rotated rows
-in x's dtype (`hadamard_rows`) or rounds them to x's dtype (as the unfused graph does) and
+A program builds H_C and L^T once and loops over tiles. For R = 1 a tile is up to 128 x rows
+(64 under TF32x3), one product 128 x C x C. For R > 1 it is one x row as an (RP, C) view (RP = R
+rounded up to a power of two, at least 16), products RP x C x C and RP x RP x C: several x rows
+per tile would need L^T repeated along a block diagonal, whose zero blocks cost tensor-core
+products too (for 4096, 4 rows of 32 x 128 and a 128 x 128 L^T: the rotated W8A8 qkv GEMM at
+M = 2048 took 122.6 µs on an H100, against 106.5 µs with one row per tile and the next tile
+prefetched; benchmarks/results/kernels.md).
+
+It either stores the rotated rows in x's dtype (`hadamard_rows`) or rounds them to x's dtype (as the unfused graph does) and
 quantizes each row as `act_quant_gemm.quantize_rows` does: int8 codes or e4m3 values and a
 float32 scale per row (`hadamard_quantize_rows`), which the act-quant GEMM then reads instead
 of x. Sizes with R > 128 (e.g. 11008 = 172 x 64; R > 64 under TF32x3) or p < 16 are not supported: `supported(n)`
@@ -71,16 +76,17 @@ def _hadamard_rows_kernel(x_ptr, lt_ptr, y_ptr, s_ptr, ROWS_TOTAL, stride_xm, st
     leading bf16 part and on the rest (about 16 bits of T in all); else on TF32 x 3.
 
     Each program builds H_C and the left factor once, then loops over tiles of ROWS rows of x:
-    tile row t = row * RP + r holds row r of one x row's (R, C) view (zeros for r >= R)."""
+    tile row t = row * RP + r holds row r of one x row's (R, C) view (zeros for r >= R); one x
+    row per tile when R > 1."""
+    tl.static_assert(R == 1 or ROWS == 1)
     t_rows = tl.arange(0, ROWS * RP)
     c = tl.arange(0, C)
     r = t_rows % RP
     h = sylvester(C)
     if x_ptr.dtype.element_ty != tl.float32 and not EXACT_BF16_CAST:
         h = h.to(x_ptr.dtype.element_ty)
-    if R > 1:  # block-diagonal: L^T once per x row of the tile, zero-padded to RP x RP
-        same = (t_rows[:, None] // RP) == (t_rows[None, :] // RP)
-        lt = tl.load(lt_ptr + r[:, None] * R + r[None, :], mask=same & (r[:, None] < R) & (r[None, :] < R), other=0.0)
+    if R > 1:  # L^T zero-padded to RP x RP
+        lt = tl.load(lt_ptr + r[:, None] * R + r[None, :], mask=(r[:, None] < R) & (r[None, :] < R), other=0.0)
         if SPLIT_BF16 and not EXACT_BF16_CAST:
             lt = lt.to(tl.bfloat16)
     for tile in range(tl.program_id(0), tl.cdiv(ROWS_TOTAL, ROWS), tl.num_programs(0)):
@@ -173,8 +179,8 @@ def _launch(x2: torch.Tensor, lt: torch.Tensor | None, out: torch.Tensor, scale:
     split_bf16 = signs and x2.dtype == torch.bfloat16
     r = n // c
     rp = 1 if r == 1 else max(16, triton.next_power_of_2(r))
-    # at least one x row per tile, and no more tile rows than x has
-    rows = max(1, min(_tile_rows(x2.dtype, split_bf16) // rp, triton.next_power_of_2(rows_total)))
+    # R > 1: one x row per tile; else up to _tile_rows, and no more tile rows than x has
+    rows = 1 if r > 1 else min(_tile_rows(x2.dtype, split_bf16), triton.next_power_of_2(rows_total))
     tiles = triton.cdiv(rows_total, rows)
     # the interpreter runs two programs, so that its tests take the loop over tiles too
     programs = min(tiles, 2 if interpreting() else 4 * _sm_count(x2.device))
@@ -183,11 +189,11 @@ def _launch(x2: torch.Tensor, lt: torch.Tensor | None, out: torch.Tensor, scale:
         out.stride(0), out_scale, R=r, RP=rp, C=c, ROWS=rows, QUANT=scale is not None, FP8=fp8,
         SPLIT_BF16=split_bf16,
         EXACT_FP8_CAST=fp8 and interpreting(), EXACT_BF16_CAST=x2.dtype == torch.bfloat16 and interpreting(),
-        num_warps=8 if rows * rp * c >= 8192 else 4, num_stages=1)  # one stage: no tile is prefetched
+        num_warps=8 if rows * rp * c >= 8192 else 4, num_stages=2)  # the next tile's load overlaps
 
 
 def _tile_rows(dtype: torch.dtype, split_bf16: bool = True) -> int:
-    """Most (R, C)-view rows per tile: 128 where the left product runs on bf16, else 64 (TF32x3
+    """Most rows per tile (x rows when R = 1; RP, the padded R, bounds R): 128 where the left product runs on bf16, else 64 (TF32x3
     operands take twice the shared memory)."""
     return 128 if dtype == torch.bfloat16 and split_bf16 else 64
 
