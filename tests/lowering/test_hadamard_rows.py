@@ -11,8 +11,8 @@ from hypothesis import given, settings, strategies as st
 from qfx.algorithms.hadamard import online_factors
 from qfx.lowering.kernels.act_quant_gemm import act_quant_linear, act_quant_ref, quantize_rows
 from qfx.algorithms.hadamard import hadamard_dense, hadamard_matrix
-from qfx.lowering.kernels.hadamard_rows import (hadamard_quantize_rows, hadamard_rows, left_factor, mix_factor,
-                                                supported)
+from qfx.lowering.kernels.hadamard_rows import (candidates, hadamard_quantize_rows, hadamard_rows, left_factor,
+                                                mix_factor, supported)
 from qfx.ops import hadamard_ref
 from tests.lowering.test_kernels import DEVICE, make_weight, rand_x, rel_err
 
@@ -86,6 +86,20 @@ def test_rotate_and_quantize_matches_quantizing_the_reference_rotation(n, fp8):
     else:
         assert (codes - codes_ref).abs().max() <= 1
     assert (codes != codes_ref).float().mean() <= (1e-2 if DEVICE == "cpu" else 5e-2)  # TF32 on a GPU: see above
+
+
+@pytest.mark.parametrize("index", range(len(candidates(4096))))
+def test_every_launch_config_gives_the_same_codes(index, monkeypatch):
+    """Warps, stages and programs per SM change the schedule only (on a GPU; the interpreter
+    runs two programs whatever the config). 300 rows of 1536 (R = 12): several tiles a program."""
+    from qfx.lowering.kernels import tuning
+
+    x = rand_x(300, 1536, torch.bfloat16)
+    mix = mix_factor(1536).to(DEVICE)
+    q0, s0 = hadamard_quantize_rows(x, mix, False)
+    monkeypatch.setattr(tuning, "pick", lambda key, cands, run: cands[index])
+    q, s = hadamard_quantize_rows(x, mix, False)
+    assert torch.equal(q, q0) and torch.equal(s, s0)
 
 
 def test_sizes_without_a_kernel_are_refused_with_the_reason():

@@ -183,9 +183,13 @@ def test_act_quant_split_k_and_prequant(fmt, cfg):
     assert rel_err(out, act_quant_ref(x, kw, bias=bias)) < TOL[torch.bfloat16]
 
 
-def test_quantize_rows_matches_per_token_reference():
+@pytest.mark.parametrize("row_block", [None, 128])  # a whole row held at once; rows in 128-blocks, read twice
+def test_quantize_rows_matches_per_token_reference(row_block, monkeypatch):
+    from qfx.lowering.kernels import act_quant_gemm
     from qfx.lowering.kernels.act_quant_gemm import quantize_rows
 
+    if row_block:
+        monkeypatch.setattr(act_quant_gemm, "ROW_BLOCK", row_block)
     x = rand_x(9, 333, torch.bfloat16) * 5
     q, scale = quantize_rows(x, fp8=False)
     ref_q, ref_scale = P.quantize_per_token(x.cpu(), 8)

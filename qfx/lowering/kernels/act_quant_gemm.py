@@ -63,19 +63,26 @@ def quantize_tile_int8(a, inv_scale):
 
 @triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, FP8: tl.constexpr, EXACT_FP8_CAST: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
-    """One row of x per program: its scale (absmax / 127.5 or / 448) and its codes (M, K)."""
+                          BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr):
+    """One row of x per program: its scale (absmax / 127.5 or / 448) and its codes (M, K).
+    ONE_PASS (K <= BLOCK_K): the row is read once and held; else read twice, for its absmax and
+    then its codes."""
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
-    amax = tl.zeros((1,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        a = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.max(tl.abs(a), axis=0))
+    if ONE_PASS:
+        a = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(a), axis=0) + tl.zeros((1,), dtype=tl.float32)
+    else:
+        amax = tl.zeros((1,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(a), axis=0))
     scale = tl.maximum(tl.math.div_rn(amax, 448.0 if FP8 else 127.5), 1e-12)
     inv = tl.math.div_rn(tl.full((1,), 1.0, tl.float32), scale)
     tl.store(s_ptr + row + tl.arange(0, 1), scale)
-    for k0 in range(0, K, BLOCK_K):
-        a = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+    for k0 in range(0, K, BLOCK_K):  # one step when ONE_PASS
+        if not ONE_PASS:
+            a = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
         if FP8:
             q = quantize_tile_fp8(a[None, :], inv, EXACT_FP8_CAST)
         else:
@@ -202,13 +209,18 @@ def supported(kw: KernelWeight) -> bool:
     return kw.zero is None and (kw.group >= kw.k or kw.group % 32 == 0)
 
 
+ROW_BLOCK = 16384  # longest row quantize_rows holds at once (16 warps, 32 values a thread)
+
+
 def quantize_rows(x2: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) -> (codes (M, K) int8 or float8_e4m3fn, row scales (M,) float32)."""
     m, k = x2.shape
     q = torch.empty((m, k), device=x2.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
     scale = torch.empty((m,), device=x2.device, dtype=torch.float32)
+    block = min(ROW_BLOCK, triton.next_power_of_2(k))  # whole rows up to ROW_BLOCK: one read of x
     _quantize_rows_kernel[(m,)](x2, q, scale, k, x2.stride(0), FP8=fp8, EXACT_FP8_CAST=fp8 and interpreting(),
-                                BLOCK_K=min(1024, triton.next_power_of_2(k)), num_warps=4)
+                                BLOCK_K=block, ONE_PASS=block >= k,
+                                num_warps=max(4, min(16, block // 1024)))
     return q, scale
 
 

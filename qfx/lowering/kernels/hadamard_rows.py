@@ -22,7 +22,8 @@ rounded up to a power of two, at least 16), products RP x C x C and RP x RP x C:
 per tile would need L^T repeated along a block diagonal, whose zero blocks cost tensor-core
 products too (for 4096, 4 rows of 32 x 128 and a 128 x 128 L^T: the rotated W8A8 qkv GEMM at
 M = 2048 took 122.6 µs on an H100, against 106.5 µs with one row per tile and the next tile
-prefetched; benchmarks/results/kernels.md).
+prefetched; benchmarks/results/kernels.md). The launch (warps, pipeline stages, programs per
+SM) is timed per size and M bucket from `candidates`, as the GEMMs' configs are.
 
 It either stores the rotated rows in x's dtype (`hadamard_rows`) or rounds them to x's dtype (as the unfused graph does) and
 quantizes each row as `act_quant_gemm.quantize_rows` does: int8 codes or e4m3 values and a
@@ -40,7 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from qfx.lowering.kernels import interpreting
+from qfx.lowering.kernels import interpreting, tuning
+from qfx.lowering.kernels.tuning import Config
 from qfx.lowering.kernels.act_quant_gemm import quantize_tile_fp8, quantize_tile_int8
 
 
@@ -169,6 +171,17 @@ def supported(n: int, dtype: torch.dtype = torch.bfloat16) -> tuple[bool, str]:
     return True, ""
 
 
+def candidates(tile_elements: int) -> list[Config]:
+    """Launch configs of the persistent kernel: warps, pipeline stages, and programs per SM (in
+    `group_m`; the tile sizes are fixed by the rotation's size). The first is the untimed
+    default. Each of the others was the fastest for some size on an H100: 8 warps, 3 stages and
+    one program per SM took K = 14336 at M = 2048 from 114.7 to 88.7 µs; 4 warps, 3 stages and
+    4 per SM took K = 4096 from 25.6 to 23.3 µs."""
+    warps = 8 if tile_elements >= 8192 else 4
+    return [Config(0, 0, 0, num_warps=w, num_stages=st, group_m=per_sm) for w, st, per_sm in
+            [(warps, 2, 4), (8, 3, 1), (4, 3, 4), (4, 1, 2), (8, 3, 2)]]
+
+
 def _launch(x2: torch.Tensor, lt: torch.Tensor | None, out: torch.Tensor, scale: torch.Tensor | None,
             fp8: bool = False) -> None:
     rows_total, n = x2.shape
@@ -182,14 +195,19 @@ def _launch(x2: torch.Tensor, lt: torch.Tensor | None, out: torch.Tensor, scale:
     # R > 1: one x row per tile; else up to _tile_rows, and no more tile rows than x has
     rows = 1 if r > 1 else min(_tile_rows(x2.dtype, split_bf16), triton.next_power_of_2(rows_total))
     tiles = triton.cdiv(rows_total, rows)
-    # the interpreter runs two programs, so that its tests take the loop over tiles too
-    programs = min(tiles, 2 if interpreting() else 4 * _sm_count(x2.device))
-    _hadamard_rows_kernel[(programs,)](
-        x2, out if lt is None else lt, out, scale if scale is not None else out, rows_total, x2.stride(0),
-        out.stride(0), out_scale, R=r, RP=rp, C=c, ROWS=rows, QUANT=scale is not None, FP8=fp8,
-        SPLIT_BF16=split_bf16,
-        EXACT_FP8_CAST=fp8 and interpreting(), EXACT_BF16_CAST=x2.dtype == torch.bfloat16 and interpreting(),
-        num_warps=8 if rows * rp * c >= 8192 else 4, num_stages=2)  # the next tile's load overlaps
+
+    def run(cfg: Config) -> None:
+        # the interpreter runs two programs, so that its tests take the loop over tiles too
+        programs = min(tiles, 2 if interpreting() else cfg.group_m * _sm_count(x2.device))
+        _hadamard_rows_kernel[(programs,)](
+            x2, out if lt is None else lt, out, scale if scale is not None else out, rows_total, x2.stride(0),
+            out.stride(0), out_scale, R=r, RP=rp, C=c, ROWS=rows, QUANT=scale is not None, FP8=fp8,
+            SPLIT_BF16=split_bf16,
+            EXACT_FP8_CAST=fp8 and interpreting(), EXACT_BF16_CAST=x2.dtype == torch.bfloat16 and interpreting(),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    key = f"hadamard_rows/{tuning.m_bucket(rows_total)}/{n}/{x2.dtype}/{out.dtype}"
+    run(tuning.pick(key, candidates(rows * rp * c), run))
 
 
 def _tile_rows(dtype: torch.dtype, split_bf16: bool = True) -> int:
