@@ -79,3 +79,25 @@ def test_split_k_kernels_under_compiled_cuda_graphs(recipe, monkeypatch):
             out = compiled(ids)
     torch.testing.assert_close(out.float(), eager.float(), rtol=2e-2, atol=2e-2)
     assert torch.count_nonzero(split_k.counters(torch.device("cuda", 0))) == 0
+
+
+@pytest.mark.parametrize("recipe", ["quarot w8 g0 a8", "fp8"])
+def test_tuned_kernels_under_compiled_cuda_graphs(recipe, monkeypatch, tmp_path):
+    # configs timed on first use (the GEMMs, the rotation pass's launch, FP8's cuBLAS candidate
+    # at M = 32 > 16), inside a model compiled with CUDA graphs: the timing must happen before
+    # capture and the replays must match eager
+    monkeypatch.setenv("QFX_CACHE_DIR", str(tmp_path))  # nothing tuned yet
+    from qfx.lowering.kernels import tuning
+
+    monkeypatch.setattr(tuning, "_memory", {})
+    q = qfx.quantize(tiny_model("llama", dtype=torch.bfloat16).cuda(), recipe,
+                     calib=[torch.randint(0, 128, (1, 32), device="cuda")], progress=False)
+    ids = torch.randint(0, 128, (1, 32), device="cuda")
+    torch._dynamo.reset()
+    compiled = torch.compile(q, backend="qfx", options={"triton.cudagraphs": True})
+    with torch.no_grad():
+        eager = q(ids)
+        for _ in range(4):  # warm-up, record, replays
+            out = compiled(ids)
+    torch.testing.assert_close(out.float(), eager.float(), rtol=5e-2, atol=5e-2)
+    assert list(tmp_path.glob("tuning-*.json"))
