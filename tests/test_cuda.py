@@ -56,6 +56,18 @@ def test_tuner_times_the_gpu_work_of_a_call():
     assert 3.0 < four / big < 5.0
 
 
+def _replays_match_eager(q, ids, tol):
+    """q compiled with the qfx backend and CUDA graphs, run for warm-up, recording and replays,
+    gives eager's logits within tol."""
+    torch._dynamo.reset()
+    compiled = torch.compile(q, backend="qfx", options={"triton.cudagraphs": True})
+    with torch.no_grad():
+        eager = q(ids)
+        for _ in range(4):  # warm-up, record, replays
+            out = compiled(ids)
+    torch.testing.assert_close(out.float(), eager.float(), rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("recipe", ["w4 g32 asym", "w8 g0 a8"])
 def test_split_k_kernels_under_compiled_cuda_graphs(recipe, monkeypatch):
     # every kernel call split over K (the last program of each tile adds up the partials), in a
@@ -70,14 +82,7 @@ def test_split_k_kernels_under_compiled_cuda_graphs(recipe, monkeypatch):
                                                                          variant="gemv" if m == 1 else "scaled")])
     monkeypatch.setattr(act_quant_gemm, "candidates", lambda *args, **kwargs: [Config(16, 32, 32, 4)])
     q = qfx.quantize(tiny_model("llama", dtype=torch.bfloat16).cuda(), recipe)
-    ids = torch.randint(0, 128, (1, 1), device="cuda")
-    torch._dynamo.reset()
-    compiled = torch.compile(q, backend="qfx", options={"triton.cudagraphs": True})
-    with torch.no_grad():
-        eager = q(ids)
-        for _ in range(4):  # warm-up, record, replays
-            out = compiled(ids)
-    torch.testing.assert_close(out.float(), eager.float(), rtol=2e-2, atol=2e-2)
+    _replays_match_eager(q, torch.randint(0, 128, (1, 1), device="cuda"), tol=2e-2)
     assert torch.count_nonzero(split_k.counters(torch.device("cuda", 0))) == 0
 
 
@@ -92,12 +97,5 @@ def test_tuned_kernels_under_compiled_cuda_graphs(recipe, monkeypatch, tmp_path)
     monkeypatch.setattr(tuning, "_memory", {})
     q = qfx.quantize(tiny_model("llama", dtype=torch.bfloat16).cuda(), recipe,
                      calib=[torch.randint(0, 128, (1, 32), device="cuda")], progress=False)
-    ids = torch.randint(0, 128, (1, 32), device="cuda")
-    torch._dynamo.reset()
-    compiled = torch.compile(q, backend="qfx", options={"triton.cudagraphs": True})
-    with torch.no_grad():
-        eager = q(ids)
-        for _ in range(4):  # warm-up, record, replays
-            out = compiled(ids)
-    torch.testing.assert_close(out.float(), eager.float(), rtol=5e-2, atol=5e-2)
+    _replays_match_eager(q, torch.randint(0, 128, (1, 32), device="cuda"), tol=5e-2)
     assert list(tmp_path.glob("tuning-*.json"))
