@@ -177,12 +177,13 @@ def candidates(m: int, group: int, k: int, packed: bool = False, scaled_mm: bool
         cfgs += [c._replace(variant="prequant") for c in cfgs]
     elif m <= 64:
         cfgs = [Config(bm, n, bk, s, 4, st) for bm, n, bk, s, st in
-                [(64, 64, 128, 1, 4), (32, 64, 128, 2, 4), (64, 128, 128, 2, 4), (32, 32, 256, 1, 4), (64, 64, 128, 4, 4)]]
+                [(64, 64, 128, 1, 4), (32, 64, 128, 2, 4), (64, 128, 128, 2, 4), (32, 32, 256, 1, 4), (64, 64, 128, 4, 4),
+                 (64, 64, 256, 1, 3), (32, 64, 256, 2, 3)]]
         cfgs += [c._replace(variant="prequant") for c in cfgs]
     elif m <= 256:
-        cfgs = [Config(bm, n, bk, 1, w, st, variant="prequant") for bm, n, bk, w, st in
-                [(64, 128, 128, 4, 4), (128, 128, 128, 8, 3), (64, 64, 128, 4, 4), (128, 64, 128, 4, 4),
-                 (64, 256, 128, 8, 3)]]
+        cfgs = [Config(bm, n, bk, s, w, st, variant="prequant") for bm, n, bk, s, w, st in
+                [(64, 128, 128, 1, 4, 4), (128, 128, 128, 1, 8, 3), (64, 64, 128, 1, 4, 4), (128, 64, 128, 1, 4, 4),
+                 (64, 256, 128, 1, 8, 3), (128, 64, 128, 2, 8, 4), (64, 128, 128, 2, 8, 4)]]
     else:
         cfgs = [Config(bm, n, bk, 1, w, st, variant="prequant") for bm, n, bk, w, st in
                 [(128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (128, 128, 64, 4, 4), (256, 128, 128, 8, 3),
