@@ -17,7 +17,7 @@ from qfx.ops import hadamard_ref
 from tests.lowering.test_kernels import DEVICE, make_weight, rand_x, rel_err
 
 # sizes: powers of two (one Sylvester factor, or two: 256, 4096) and m x 2^k with m = 12, 20, 28
-SIZES = [16, 64, 128, 256, 4096, 192, 1536, 640, 3584]
+SIZES = [16, 64, 128, 256, 4096, 192, 1536, 640, 3584, 5120, 14336]
 
 
 def _factor(n):
@@ -29,14 +29,17 @@ def test_size_split_covers_the_sizes_used_here():
     assert {n: _factor(n) for n in (1536, 3584, 14336)} == {1536: (12, 128), 3584: (28, 128), 14336: (28, 512)}
 
 
-@pytest.mark.parametrize("n", [64, 256, 1024, 192, 1536, 3584, 188 * 16])
+@pytest.mark.parametrize("n", [64, 256, 1024, 192, 1536, 3584, 188 * 16, 5120, 14336])
 def test_kernel_factors_rebuild_the_rotation(n):
-    """L (x) H_C times the output scale is the reference's H_n, in float64."""
-    lt, scale, c, _ = left_factor(n)
+    """(L (x) H_Q) (x) H_C times the output scale is the reference's H_n, in float64."""
+    lt, scale, c, _, q = left_factor(n)
     left = torch.ones(1, 1, dtype=torch.float64) if lt is None else lt.double().T.contiguous()
-    torch.testing.assert_close(torch.kron(left, hadamard_matrix(c)) * scale, hadamard_dense(n), rtol=0, atol=1e-6)
-    if n in (3584, 1536, 1024):  # Hadamard factors: stored as +-1, exact in every dtype
+    full = torch.kron(torch.kron(left, hadamard_matrix(q)), hadamard_matrix(c))
+    torch.testing.assert_close(full * scale, hadamard_dense(n), rtol=0, atol=1e-6)
+    if n in (3584, 1536, 1024, 5120, 14336):  # Hadamard factors: stored as +-1, exact in every dtype
         assert torch.equal(left.abs(), torch.ones_like(left))
+    if n in (5120, 14336):  # 20 x 2 x 128 and 28 x 4 x 128: the block kernel, with an m x m left factor
+        assert (q, left.shape[0]) == ({5120: 2, 14336: 4}[n], {5120: 20, 14336: 28}[n])
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -48,8 +51,7 @@ def test_rotation_matches_reference_in_float32(n):
     torch.testing.assert_close(y, hadamard_ref(x), rtol=0, atol=2e-6 * float(x.abs().max()) * 4)
 
 
-@pytest.mark.parametrize("n,dtype", [(n, d) for n in (64, 1536, 3584) for d in (torch.bfloat16, torch.float16)]
-                         + [(14336, torch.bfloat16)])  # fp16 rows of 14336: refused, see below
+@pytest.mark.parametrize("n,dtype", [(n, d) for n in (64, 1536, 3584, 14336) for d in (torch.bfloat16, torch.float16)])
 def test_rotation_in_half_precision_rounds_like_the_reference(n, dtype):
     """Both round once to x's dtype: outputs differ only where the two values before rounding
     sit on either side of a rounding boundary, by one unit in the last place, or, for values
@@ -73,7 +75,7 @@ def test_rotation_reads_strided_rows_and_keeps_leading_dims():
 
 
 @pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("n", [64, 1536])
+@pytest.mark.parametrize("n", [64, 1536, 5120, 14336])  # 5120, 14336: the block kernel (Q = 2, 4)
 def test_rotate_and_quantize_matches_quantizing_the_reference_rotation(n, fp8):
     x = rand_x(21, n, torch.bfloat16)
     mix = mix_factor(n)
@@ -103,10 +105,13 @@ def test_every_launch_config_gives_the_same_codes(index, monkeypatch):
 
 
 def test_sizes_without_a_kernel_are_refused_with_the_reason():
-    assert supported(14336) == (True, "")
-    for dtype in (torch.float32, torch.float16):  # 112 rows of 128: TF32x3 tiles hold 64
-        ok, why = supported(14336, dtype)
-        assert not ok and str(dtype) in why
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):  # 28 x 4 x 128: a 28 x 28 left factor
+        assert supported(14336, dtype) == (True, "")
+    for dtype in (torch.float32, torch.float16):  # 12288 = 12 x 8 x 128: a 96 x 96 dense factor; TF32x3 tiles hold 64
+        ok, why = supported(12288, dtype)
+        assert not ok and str(dtype) in why and "96 x 96" in why
+    ok, why = supported(28672)  # 28 x 8 x 128: a 224 x 224 dense factor
+    assert not ok and "224 x 224" in why
     with pytest.raises(ValueError, match="172 x 172"):
         hadamard_rows(rand_x(2, 11008, torch.bfloat16), None)
     ok, why = supported(11008)  # 172 x 64: a 172 x 172 dense factor
