@@ -254,8 +254,9 @@ def left_factor(n: int) -> tuple[torch.Tensor | None, float, int, bool, int]:
 
 
 def mix_factor(n: int) -> torch.Tensor | None:
-    """The factor tensor the kernel reads for rows of size n (L^T, see the module docstring),
-    or None when it needs none (n <= 128). Place it on x's device once, outside CUDA graphs."""
+    """The factor tensor the kernel reads for rows of size n (L^T, or M^T for the block kernel;
+    see the module docstring), or None when it needs none (n <= 128). Place it on x's device
+    once, outside CUDA graphs."""
     return left_factor(n)[0]
 
 
