@@ -113,13 +113,15 @@ def test_split_k_leaves_its_counters_at_zero(run):
                                             (2, 32, True)])
 @pytest.mark.parametrize("cfg", [Config(1, 32, 64, 1, variant="gemv"), Config(1, 16, 128, 2, variant="gemv"),
                                  Config(1, 16, 32, 8, variant="gemv"), Config(16, 32, 0, variant="dequant")])
-def test_wint_a16_gemv_and_dequant_variants(bits, group, sym, cfg):
-    kw, _ = make_weight(72, 290, bits, group, sym)
-    bias = torch.randn(72).to(torch.bfloat16).to(DEVICE)
+# K = 256: every K step of the gemv is whole (no bounds on K); fp16 x is read one value at a time
+@pytest.mark.parametrize("k,dtype", [(290, torch.bfloat16), (256, torch.bfloat16), (256, torch.float16)])
+def test_wint_a16_gemv_and_dequant_variants(bits, group, sym, cfg, k, dtype):
+    kw, _ = make_weight(72, k, bits, group, sym)
+    bias = torch.randn(72).to(dtype).to(DEVICE)
     for m in (1, 3):  # gemv applies to one row; other M fall back to the tiled kernel
-        x = rand_x(m, 290, torch.bfloat16, seed=m)
+        x = rand_x(m, k, dtype, seed=m)
         out = wint_a16_linear(x, kw, bias, config=cfg)
-        assert rel_err(out, wint_a16_ref(x, kw, bias)) < TOL[torch.bfloat16]
+        assert rel_err(out, wint_a16_ref(x, kw, bias)) < TOL[dtype]
 
 
 @pytest.mark.parametrize("variant", ["tiled", "scaled"])

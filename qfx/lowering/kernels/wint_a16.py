@@ -13,7 +13,8 @@ Two more variants, picked by timing like any config:
 - "gemv" (M = 1): no tensor cores; each program reads whole word rows of a K chunk (one group,
   so one scale and zero per column), multiplies the codes by x on the CUDA cores, and applies
   scale and zero once per chunk: sum_k x_k (u_k - z) s = s (sum_k x_k u_k - z sum_k x_k). Codes
-  become floats as 1 + u / 2^container (bits placed in the mantissa, no subtraction per code).
+  become floats by placing their bits in a mantissa, two codes per shift of the word (no
+  conversion or subtraction per code).
 - "dequant" (large M, compute bound): one pass writes W^T in x's dtype, then cuBLAS multiplies.
 - "tiled-once": the tiled kernel loading each word of a tile once and shifting it per_word
   ways (a (rows, per_word, BLOCK_N) block reshaped to (BLOCK_K, BLOCK_N)), instead of
@@ -137,59 +138,94 @@ def _wint_a16_kernel(
 
 
 @triton.jit
-def code_as_mantissa(words, J: tl.constexpr, CONTAINER: tl.constexpr):
-    """Code j of each word as the float32 1 + u / 2^container, in three integer ops: the code's
-    bits are shifted straight to the top of the mantissa and OR-ed with the exponent of 1.0."""
-    TOP: tl.constexpr = 23 - CONTAINER  # where the code's lowest bit must land
-    SHIFT: tl.constexpr = TOP - J * CONTAINER
+def shifted(words, SHIFT: tl.constexpr):
+    """words << SHIFT, or >> -SHIFT (arithmetic: the sign copies land above any mask used here)."""
     if SHIFT >= 0:
-        placed = words << SHIFT
+        return words << SHIFT
     else:
-        placed = words >> (-SHIFT)  # arithmetic shift: the sign copies land above the mask
-    return ((placed & (((1 << CONTAINER) - 1) << TOP)) | 0x3F800000).to(tl.float32, bitcast=True)
+        return words >> (-SHIFT)
+
+
+@triton.jit
+def as_float(bits, mask, magic: tl.constexpr):
+    """The float32 whose bits are (bits & mask) | magic: a code placed in the mantissa of `magic`.
+    `mask` is a runtime value so that the AND and the OR compile to one three-input instruction
+    (an instruction takes one immediate; two constants would cost two)."""
+    return ((bits & mask) | magic).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _wint_gemv_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, N, K, GROUP, SPLIT_K,
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, N, K, GROUP, SPLIT_K, CODE_MASK,
     BITS: tl.constexpr, CONTAINER: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SPLIT: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr, EVEN_K: tl.constexpr, X_PAIRS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """y (1, N) for one row x: program (pid_n, pid_k) takes columns pid_n*BLOCK_N.. and every
     SPLIT_K-th BLOCK_K slice of K, in CHUNK-long pieces that lie in one group.
 
-    Per chunk and word row r: sum_j x_j (1 + u_j / 2^c) = xs + sum_j x_j u_j / 2^c with
-    xs = sum_j x_j, so sum_j x_j (u_j - z) s = s (2^c (xu - xs) - z xs), xu being the first sum.
-    That is added into a (ROWS, BLOCK_N) accumulator, reduced over rows once at the end."""
+    Codes become floats without a conversion instruction, two per shift of the word: with c =
+    CONTAINER, one shift puts code j = 2p + 1 at the top of the mantissa and code 2p just below
+    it; masked and OR-ed with the bits of 1.0 and of 2^c they are f = 1 + u / 2^c and
+    f = 2^c + u / 2^c. So with w_j = 1 or 2^c, sum_j x_j f_j = xw + xu / 2^c (xw = sum_j w_j x_j,
+    xu = sum_j x_j u_j), and for a chunk with scale s and zero z, with xs = sum_j x_j:
+    sum_j x_j (u_j - z) s = s (2^c (sum_j x_j f_j - xw) - z xs).
+    Per word row and column, the sum over j is added into a (ROWS, BLOCK_N) accumulator, which
+    is reduced over rows once at the end. CODE_MASK = (2^c - 1) << (23 - c), the top code's bits.
+    EVEN_K: BLOCK_K divides K, so no load needs a bound on K. X_PAIRS: x is bf16 viewed as int32
+    (K / 2 words), x_2p and x_2p+1 come in one load and become float32 by moving their bits."""
     PER_WORD: tl.constexpr = 32 // CONTAINER
     ROWS: tl.constexpr = CHUNK // PER_WORD
+    ONE: tl.constexpr = 0x3F800000  # bits of 1.0
+    TWO_C: tl.constexpr = 0x3F800000 + (CONTAINER << 23)  # bits of 2^c
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_r = tl.arange(0, ROWS)
     n_rows = tl.cdiv(K, PER_WORD)
+    mask_hi = CODE_MASK
+    mask_lo = CODE_MASK >> CONTAINER
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
         for c in tl.static_range(BLOCK_K // CHUNK):
             kc = k0 + c * CHUNK
             rows = kc // PER_WORD + offs_r
-            words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :],
-                            mask=(rows < n_rows)[:, None] & mask_n[None, :], other=0)
-            xu = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+            if EVEN_K:
+                words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+            else:
+                words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :],
+                                mask=(rows < n_rows)[:, None] & mask_n[None, :], other=0)
+            xf = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+            xw = tl.zeros((ROWS,), dtype=tl.float32)
             xs = tl.zeros((ROWS,), dtype=tl.float32)
-            for j in tl.static_range(PER_WORD):
-                kk = kc + offs_r * PER_WORD + j
-                xj = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-                xu += xj[:, None] * code_as_mantissa(words, j, CONTAINER)
-                xs += xj
+            for p in tl.static_range(PER_WORD // 2):
+                t = shifted(words, 23 - 2 * CONTAINER * (p + 1))
+                k_lo = kc + offs_r * PER_WORD + 2 * p
+                if X_PAIRS:
+                    if EVEN_K:
+                        pair = tl.load(x_ptr + k_lo // 2)
+                    else:
+                        pair = tl.load(x_ptr + k_lo // 2, mask=k_lo < K, other=0)
+                    x_lo = (pair << 16).to(tl.float32, bitcast=True)
+                    x_hi = (pair & -65536).to(tl.float32, bitcast=True)
+                elif EVEN_K:
+                    x_lo = tl.load(x_ptr + k_lo).to(tl.float32)
+                    x_hi = tl.load(x_ptr + k_lo + 1).to(tl.float32)
+                else:
+                    x_lo = tl.load(x_ptr + k_lo, mask=k_lo < K, other=0.0).to(tl.float32)
+                    x_hi = tl.load(x_ptr + k_lo + 1, mask=k_lo + 1 < K, other=0.0).to(tl.float32)
+                xf += x_hi[:, None] * as_float(t, mask_hi, ONE)
+                xf += x_lo[:, None] * as_float(t, mask_lo, TWO_C)
+                xw += x_hi + x_lo * (1 << CONTAINER)
+                xs += x_hi + x_lo
             g = tl.minimum(kc, K - 1) // GROUP  # a chunk past K adds 0 (x is 0 there) but must read in bounds
             s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0)
             if HAS_ZERO:
                 z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0)
             else:
                 z = (1 << (BITS - 1)) + tl.zeros((BLOCK_N,), dtype=tl.float32)
-            acc += s[None, :] * ((xu - xs[:, None]) * (1 << CONTAINER) - z[None, :] * xs[:, None])
+            acc += s[None, :] * ((xf - xw[:, None]) * (1 << CONTAINER) - z[None, :] * xs[:, None])
     out = tl.sum(acc, axis=0)
     if HAS_BIAS:
         if pid_k == 0:
@@ -229,12 +265,12 @@ TILED = ("tiled", "tiled-once", "scaled", "scaled-once")  # variants of _wint_a1
 
 def candidates(m: int, group: int, k: int) -> list[Config]:
     """Explicit configs by M bucket (H100-sized); BLOCK_K is cut to divide the group."""
+    # gemv tiles that won on the 8B and 1B shapes on an H100; the split-K ones give N / BLOCK_N
+    # programs (fewer than an H100 has SMs) enough company
     gemv = [Config(1, n, bk, s, w, st, variant="gemv") for n, bk, s, w, st in
-            [(128, 512, 1, 4, 3), (64, 512, 1, 4, 3), (128, 256, 2, 4, 3), (256, 512, 1, 8, 3), (64, 1024, 1, 4, 2),
-             (128, 512, 2, 4, 3), (32, 1024, 1, 2, 3), (128, 1024, 4, 4, 2),
-             # split K further: N / BLOCK_N alone is fewer programs than an H100 has SMs
-             (64, 256, 8, 4, 3), (128, 256, 8, 4, 3), (64, 256, 16, 4, 2), (128, 128, 16, 4, 2),
-             (32, 512, 8, 2, 3), (256, 256, 8, 8, 3), (64, 512, 4, 4, 3)]]
+            [(64, 256, 8, 4, 3), (32, 512, 8, 2, 3), (64, 256, 16, 4, 2), (128, 1024, 4, 4, 2), (64, 512, 4, 4, 3),
+             (256, 512, 2, 8, 3), (64, 1024, 1, 4, 2), (256, 256, 8, 8, 3), (64, 128, 8, 4, 3), (128, 256, 8, 4, 3),
+             (128, 128, 16, 4, 2), (256, 256, 4, 8, 3), (64, 256, 4, 2, 3), (128, 256, 4, 4, 3)]]
     if m == 1:
         return gemv + [Config(16, 64, 128, 1, 4, 4), Config(16, 64, 128, 4, 4, 4)]
     if m <= 16:
@@ -303,10 +339,11 @@ def launch(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, cfg: C
         y = torch.empty((1, kw.n), device=x2.device, dtype=x2.dtype)
         part = split_k.workspace(cfg.split_k, 1, kw.n, x2.device) if cfg.split_k > 1 else y
         grid = (triton.cdiv(kw.n, cfg.block_n), cfg.split_k)
+        x_pairs = x2.dtype == torch.bfloat16 and kw.k % 2 == 0 and x2.data_ptr() % 4 == 0
         _wint_gemv_kernel[grid](
-            x2, kw.data, kw.scale, kw.zero, bias, y, part, split_k.counters(x2.device), kw.n, kw.k, group,
-            cfg.split_k, BITS=kw.bits, CONTAINER=kw.container, HAS_ZERO=kw.zero is not None,
-            HAS_BIAS=bias is not None, SPLIT=cfg.split_k > 1, CHUNK=gemv_chunk(cfg, kw.group, kw.k),
+            x2.view(torch.int32) if x_pairs else x2, kw.data, kw.scale, kw.zero, bias, y, part, split_k.counters(x2.device), kw.n, kw.k, group,
+            cfg.split_k, ((1 << kw.container) - 1) << (23 - kw.container), BITS=kw.bits, CONTAINER=kw.container, HAS_ZERO=kw.zero is not None,
+            HAS_BIAS=bias is not None, SPLIT=cfg.split_k > 1, EVEN_K=kw.k % cfg.block_k == 0, X_PAIRS=x_pairs, CHUNK=gemv_chunk(cfg, kw.group, kw.k),
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return y
     if cfg.variant not in TILED:  # a variant that does not apply here (e.g. gemv for M > 1)
