@@ -66,7 +66,7 @@ def run_qfx(method: str, setting: str, a, fp: bool) -> dict:
     cmd = [sys.executable, "-m", "qfx.cli", "quantize", "--method", method, *SETTINGS[setting], *common_args(a),
            "--search-samples", str(a.search_samples), "--spin-steps", str(a.spin_steps),
            "--spin-lr", str(a.spin_lr), "--spin-batch", str(a.spin_batch), "--spin-schedule", a.spin_schedule,
-           "--spin-weights", a.spin_weights,
+           "--spin-weights", a.spin_weights, "--rotation-seed", str(a.rotation_seed),
            "--calib-batch-size", str(a.calib_batch_size), "--json", "--quiet"]
     if not fp:
         cmd.append("--no-fp-eval")
@@ -145,6 +145,8 @@ def main() -> None:
     p.add_argument("--search-samples", type=int, default=16, help="qfx AWQ: samples its scale search runs on")
     p.add_argument("--spin-steps", type=int, default=100, help="qfx SpinQuant: Cayley SGD steps")
     p.add_argument("--spin-lr", type=float, default=1.5, help="qfx SpinQuant: Cayley SGD step size")
+    p.add_argument("--rotation-seed", type=int, default=0,
+                   help="qfx QuaRot/SpinQuant: seed of the random Hadamard rotations (SpinQuant starts from them)")
     p.add_argument("--spin-batch", type=int, default=1, help="qfx SpinQuant: samples per Cayley step")
     p.add_argument("--spin-schedule", choices=("constant", "linear"), default="constant",
                    help="qfx SpinQuant: step size schedule")
@@ -204,7 +206,7 @@ def header(a, torch, transformers) -> dict:
         f"{a.search_samples} samples; qfx SpinQuant takes {a.spin_steps} Cayley steps, "
         f"{'one sample' if a.spin_batch == 1 else f'{a.spin_batch} samples'} each, {a.spin_schedule} step size "
         f"{a.spin_lr}, "
-        f"weights while learning: {a.spin_weights}; "
+        f"weights while learning: {a.spin_weights}; random Hadamard rotations drawn with seed {a.rotation_seed}; "
         "W4A4 is int4 per-channel symmetric weights and int4 per-token activations (a-clip0.9: each token's "
         "range clipped to 0.9 of its max |x|); peak_mem_mb is the process's peak RSS on CPU, peak allocated GPU memory "
         "during calibration on CUDA",
