@@ -18,6 +18,12 @@ measured in this run, and FLOPs over the matching tensor-core rate measured in t
 for weight-only; fp8 for fp8; for int8 the larger of torch._int_mm's and the fp8 rate, since
 Hopper's int8 and fp8 peaks are equal and _int_mm reaches less); the larger of the two times is
 the floor, fraction = floor / time.
+Read floor (M <= 16 rows, peer "read"): the time of a kernel that only reads as many bytes as
+the call's weights (with scales and zeros) from cold copies, in the same kind of graph, the
+fastest of a few grid and block sizes. Unlike the roofline it includes what any kernel of
+that size pays besides streaming (launch, ramp-up, the last wave), so no GEMM of these weights
+is expected below it, and cuBLAS bf16 time / the read floor of a format's bytes bounds the
+ratio a decode kernel of that format can reach here.
 Writes kernels.json (a list of rows) and kernels.md.
 """
 
@@ -35,6 +41,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -66,6 +74,37 @@ def graph_time_us(calls, replays: int = 15) -> float:
 
 def n_copies(nbytes: int) -> int:
     return max(2, min(64, math.ceil(L2_COLD_BYTES / nbytes)))
+
+
+@triton.jit
+def _read_kernel(src, out, n, BLOCK: tl.constexpr):
+    """Reads int32 words src[0:n] (grid-stride, BLOCK per step) and writes one word per program."""
+    pid = tl.program_id(0)
+    acc = tl.zeros((BLOCK,), dtype=tl.int32)
+    for start in range(pid * BLOCK, n, tl.num_programs(0) * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc ^= tl.load(src + offs, mask=offs < n, other=0)
+    tl.store(out + pid, tl.reduce(acc, 0, _xor))
+
+
+@triton.jit
+def _xor(a, b):
+    return a ^ b
+
+
+def read_floor_us(nbytes: int) -> float:
+    """Fastest time (µs) to read `nbytes` from cold memory in one kernel (see the module docstring)."""
+    n = triton.cdiv(nbytes, 4)
+    bufs = [torch.randint(-2**31, 2**31 - 1, (n,), device="cuda", dtype=torch.int32) for _ in range(n_copies(nbytes))]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    out = torch.empty(sms * 8, device="cuda", dtype=torch.int32)
+    best = float("inf")
+    for programs in (sms, 2 * sms, 4 * sms, 8 * sms):
+        for block, warps in ((1024, 4), (4096, 8)):
+            grid = (min(programs, triton.cdiv(n, block)),)
+            best = min(best, graph_time_us([lambda b=b: _read_kernel[grid](b, out, n, BLOCK=block, num_warps=warps)
+                                            for b in bufs]))
+    return best
 
 
 def ceilings() -> dict[str, float]:
@@ -153,6 +192,7 @@ def bench_shape(name: str, n: int, k: int, ms: list[int], formats: list[str], ro
             notes.add(f"{fmt} {name}: no kernel weight: {e}")
             continue
         kws = [kw] + [clone_kw(kw) for _ in range(n_copies(kw_bytes(kw)) - 1)]
+        floor = read_floor_us(kw_bytes(kw)) if min(ms) <= 16 else None
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
             row = {"format": fmt, "shape": name, "m": m, "n": n, "k": k}
@@ -167,6 +207,8 @@ def bench_shape(name: str, n: int, k: int, ms: list[int], formats: list[str], ro
                 traceback.print_exc()
             row["cublas_bf16_us"] = graph_time_us([lambda c=c: F.linear(x, c) for c in w_copies])
             peers = {}
+            if m <= 16:
+                peers["read_us"] = floor
             if fmt == "w4a16_g128" and ao is not None:
                 peers["torchao_int4_us"] = graph_time_us([lambda c=c: c(x) for c in ao_copies])
             if fmt == "w8a8" and m > 16:  # torch._int_mm needs M > 16
@@ -229,7 +271,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py times CUDA kernels; no CUDA device here")
-    import triton
 
     ms = [int(m) for m in args.m.split(",")]
     formats = args.formats.split(",")
