@@ -5,6 +5,8 @@ sizes; with a GPU they run compiled. Shapes include M, N, K that are not multipl
 block sizes, and K that is not a multiple of the group size.
 """
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -72,7 +74,7 @@ TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 @pytest.mark.parametrize("bits,group,sym", [(4, 64, False), (4, 32, True), (8, 0, True), (3, 64, False),
                                             (2, 32, True), (8, 128, False)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("variant", ["tiled", "scaled"])
+@pytest.mark.parametrize("variant", ["tiled", "scaled", "swapped-tiled", "swapped-scaled"])
 def test_wint_a16_matches_reference(bits, group, sym, dtype, variant):
     kw, _ = make_weight(80, 200, bits, group, sym)
     x = rand_x(19, 200, dtype)
@@ -81,11 +83,29 @@ def test_wint_a16_matches_reference(bits, group, sym, dtype, variant):
     assert rel_err(out, wint_a16_ref(x, kw, bias)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (4, 64, True), (3, 32, False), (2, 32, True),
+                                            (8, 0, False), (8, 64, True)])
+@pytest.mark.parametrize("variant", ["tiled-once", "scaled", "swapped-scaled-once", "swapped-tiled"])
+def test_wint_a16_unpacks_every_code_exactly(bits, group, sym, variant):
+    # x = the identity and power-of-two scales: y = W^T, each value (u - z) s exact in bf16 and
+    # every sum has one nonzero term, so the kernel must return the dequantized weights bit for
+    # bit; any code or zero point unpacked wrong (a shift, a mask, the multiply-add) shows
+    kw, _ = make_weight(64, 128, bits, group, sym)
+    g = torch.Generator().manual_seed(3)
+    pow2 = 2.0 ** torch.randint(-6, -2, kw.scale.shape, generator=g)
+    kw = dataclasses.replace(kw, scale=pow2.to(kw.scale.device))
+    x = torch.eye(128, dtype=torch.bfloat16, device=DEVICE)
+    out = wint_a16_linear(x, kw, config=Config(16, 64, 32, variant=variant))
+    assert torch.equal(out, dequantize_kernel_weight(kw).T.to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("cfg", [Config(16, 32, 32, split_k=3), Config(32, 64, 64, split_k=2), Config(16, 16, 16),
                                  Config(16, 32, 32, split_k=3, variant="tiled-once"),
                                  Config(32, 64, 64, variant="tiled-once"),
                                  Config(16, 32, 32, split_k=3, variant="scaled"),
-                                 Config(32, 64, 64, variant="scaled-once")])
+                                 Config(32, 64, 64, variant="scaled-once"),
+                                 Config(16, 32, 32, split_k=3, variant="swapped-scaled-once"),
+                                 Config(32, 64, 64, variant="swapped-tiled-once")])
 def test_wint_a16_split_k_and_tiles(cfg):
     kw, _ = make_weight(72, 160, 4, 32, False)
     x = rand_x(5, 160, torch.bfloat16)
@@ -124,7 +144,7 @@ def test_wint_a16_gemv_and_dequant_variants(bits, group, sym, cfg, k, dtype):
         assert rel_err(out, wint_a16_ref(x, kw, bias)) < TOL[dtype]
 
 
-@pytest.mark.parametrize("variant", ["tiled", "scaled"])
+@pytest.mark.parametrize("variant", ["tiled", "scaled", "swapped-scaled"])
 def test_wint_a16_fp8_weights(variant):
     kw, _ = make_weight(48, 96, 8, 0, True, fp8=True)
     x = rand_x(3, 96, torch.bfloat16)

@@ -5,9 +5,12 @@ W is int (2..8-bit codes, group-wise or per channel, symmetric or with zero poin
 (BLOCK_M, BLOCK_N) tile of y and walks K in BLOCK_K steps: load a tile of x, load the
 BLOCK_K / per_word word rows of W, unpack to the integers u - z (exact in x's dtype),
 tensor-core dot, and add the float32 product times the group's scale (BLOCK_K divides the
-group, so one scale row per step). The weights are never rounded to x's dtype after scaling. Small M is memory bound and has too few tiles to fill the GPU, so those
-configs split K over `split_k` programs whose float32 partials the last of them adds up
-(`split_k`).
+group, so one scale row per step). The weights are never rounded to x's dtype after scaling.
+Unpacking is three operations a code: one shift that moves it to the top bits of a float's
+mantissa, one mask-and-OR with the bits of 1.0 (the float 1 + u / B), and one fused
+multiply-add to u - z (or (u - z) s). Small M is memory bound and has too few tiles to fill
+the GPU, so those configs split K over `split_k` programs whose float32 partials the last of
+them adds up (`split_k`).
 
 Two more variants, picked by timing like any config:
 - "gemv" (M = 1): no tensor cores; each program reads whole word rows of a K chunk (one group,
@@ -20,9 +23,14 @@ Two more variants, picked by timing like any config:
   ways (a (rows, per_word, BLOCK_N) block reshaped to (BLOCK_K, BLOCK_N)), instead of
   loading it per_word times.
 - "scaled" / "scaled-once": the tiled kernels with the scale applied to the weight tile before
-  the dot, (u - z) s rounded to x's dtype as the reference rounds it, so every step's dot
-  accumulates into the same float32 tile and the tensor-core products of successive steps can
-  overlap (a dot whose result is scaled must finish before the next one starts).
+  the dot, (u - z) s rounded to x's dtype as the reference rounds it (up to a rare one-unit
+  difference, see the kernel), so every step's dot accumulates into the same float32 tile and
+  the tensor-core products of successive steps can overlap (a dot whose result is scaled must
+  finish before the next one starts).
+- "swapped-<variant>": the same kernel computing y^T = W x^T, so that the unpacked weight tile
+  is the tensor cores' first operand, which Hopper's wgmma reads from registers (the second
+  operand, the x tile, is read from shared memory as loaded); the weight tile never goes
+  through shared memory. Faster at M <= 256 on an H100 (benchmarks/results/kernels.md).
 """
 
 from __future__ import annotations
@@ -50,17 +58,27 @@ def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.con
 
 
 @triton.jit
-def load_packed_codes(w_ptr, offs_k, offs_n, mask_k, mask_n, N, CONTAINER: tl.constexpr):
-    """Unsigned codes (BLOCK_K, BLOCK_N) int32 from the packed layout (ceil(K/per_word), N)."""
+def code_at(words, slot, CONTAINER: tl.constexpr, POS: tl.constexpr):
+    """The code in container `slot` of each word, moved to bits POS.. (other bits zero): one
+    shift, left or right, and a mask."""
+    at = slot * CONTAINER
+    moved = (words << tl.maximum(POS - at, 0)) >> tl.maximum(at - POS, 0)
+    return moved & (((1 << CONTAINER) - 1) << POS)
+
+
+@triton.jit
+def load_packed_codes(w_ptr, offs_k, offs_n, mask_k, mask_n, N, CONTAINER: tl.constexpr, POS: tl.constexpr = 0):
+    """Unsigned codes (BLOCK_K, BLOCK_N) int32 from the packed layout (ceil(K/per_word), N), at
+    bits POS.. of each value (u << POS)."""
     PER_WORD: tl.constexpr = 32 // CONTAINER
     words = tl.load(w_ptr + (offs_k // PER_WORD)[:, None] * N + offs_n[None, :],
                     mask=mask_k[:, None] & mask_n[None, :], other=0)
-    return (words >> ((offs_k % PER_WORD) * CONTAINER)[:, None]) & ((1 << CONTAINER) - 1)
+    return code_at(words, (offs_k % PER_WORD)[:, None], CONTAINER, POS)
 
 
 @triton.jit
 def load_packed_codes_once(w_ptr, k0, offs_n, mask_n, K, N, CONTAINER: tl.constexpr, BLOCK_K: tl.constexpr,
-                           BLOCK_N: tl.constexpr):
+                           BLOCK_N: tl.constexpr, POS: tl.constexpr = 0):
     """The same (BLOCK_K, BLOCK_N) codes for K rows k0.. (k0 a multiple of per_word), each word
     loaded once and shifted per_word ways, instead of loaded per_word times."""
     PER_WORD: tl.constexpr = 32 // CONTAINER
@@ -68,8 +86,7 @@ def load_packed_codes_once(w_ptr, k0, offs_n, mask_n, K, N, CONTAINER: tl.conste
     rows = k0 // PER_WORD + tl.arange(0, ROWS)
     words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :],
                     mask=(rows < tl.cdiv(K, PER_WORD))[:, None] & mask_n[None, :], other=0)  # (ROWS, BLOCK_N)
-    shifts = tl.arange(0, PER_WORD) * CONTAINER
-    codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << CONTAINER) - 1)  # (ROWS, PER_WORD, BLOCK_N)
+    codes = code_at(words[:, None, :], tl.arange(0, PER_WORD)[None, :, None], CONTAINER, POS)  # (ROWS, PER_WORD, BLOCK_N)
     return tl.reshape(codes, (BLOCK_K, BLOCK_N))  # row r * PER_WORD + j is K row k0 + r * PER_WORD + j
 
 
@@ -83,10 +100,11 @@ def codes_to_float(u):
 @triton.jit
 def _wint_a16_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr,
-    M, N, K, GROUP, stride_xm, stride_ym, SPLIT_K,
+    M, N, K, GROUP, stride_xm, stride_ym, SPLIT_K, ONE_BITS,
     BITS: tl.constexpr, CONTAINER: tl.constexpr, W_FP8: tl.constexpr, HAS_ZERO: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr, UNPACK_ONCE: tl.constexpr,
-    PRESCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PRESCALE: tl.constexpr, SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
@@ -94,7 +112,10 @@ def _wint_a16_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:  # y^T = W x^T: the unpacked weights are the tensor cores' first operand, held in registers
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -106,30 +127,47 @@ def _wint_a16_kernel(
             w = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None],
                         mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
         else:
+            # codes at bits POS..22, the top of a float's mantissa: the float 1 + u / B, B = 2^(23 - POS)
+            POS: tl.constexpr = 16 if CONTAINER < 8 else 15
             if UNPACK_ONCE:
-                codes = load_packed_codes_once(w_ptr, k0, offs_n, mask_n, K, N, CONTAINER, BLOCK_K, BLOCK_N)
+                codes = load_packed_codes_once(w_ptr, k0, offs_n, mask_n, K, N, CONTAINER, BLOCK_K, BLOCK_N, POS)
             else:
-                codes = load_packed_codes(w_ptr, offs_k, offs_n, mask_k, mask_n, N, CONTAINER)
-            # u - z in one subtraction from the float 2^23 + u; an integer below 2^8 in magnitude,
-            # so exact in x's dtype
+                codes = load_packed_codes(w_ptr, offs_k, offs_n, mask_k, mask_n, N, CONTAINER, POS)
+            one_plus = (codes | ONE_BITS).to(tl.float32, bitcast=True)
             if HAS_ZERO:
-                offset = 8388608.0 + tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0)
+                zero = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0)
             else:
-                offset = 8388608.0 + (1 << (BITS - 1)) + tl.zeros((BLOCK_N,), dtype=tl.float32)
-            w = (codes | 0x4B000000).to(tl.float32, bitcast=True) - offset[None, :]
+                zero = (1 << (BITS - 1)) + tl.zeros((BLOCK_N,), dtype=tl.float32)
+            # one fused multiply-add: (1 + u / B) B - (B + z) = u - z exactly (an integer below 2^8 in
+            # magnitude, so exact in x's dtype), or with the scale folded in, (u - z) s rounded once:
+            # B s is exact and (B + z) s is off by at most 2^-24 (B + z) s <= 2^-15 (u - z) s when u != z
+            mul = tl.full((BLOCK_N,), 1 << (23 - POS), tl.float32)
+            add = -((1 << (23 - POS)) + zero)
+            if PRESCALE:
+                mul, add = mul * s, add * s
+            w = tl.fma(one_plus, mul[None, :], add[None, :])
         if PRESCALE:  # (u - z) s rounded to x's dtype, one accumulating dot per step
-            w = (w * s[None, :]).to(a.dtype)
+            if W_FP8:
+                w = w * s[None, :]
+            w = w.to(a.dtype)
             if INTERPRET:  # the interpreter's bf16 dot is wrong; float32 products of bf16 values are exact
-                acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
+                a, w = a.to(tl.float32), w.to(tl.float32)
+                acc += tl.dot(tl.trans(w), tl.trans(a)) if SWAP_AB else tl.dot(a, w)
+            elif SWAP_AB:
+                acc = tl.dot(tl.trans(w), tl.trans(a), acc)
             else:
                 acc = tl.dot(a, w, acc)
         else:
             # the step lies in one group (BLOCK_K divides it): its scale multiplies the step's dot
             w = w.to(a.dtype)
             if INTERPRET:
-                acc += tl.dot(a.to(tl.float32), w.to(tl.float32)) * s[None, :]
+                a, w = a.to(tl.float32), w.to(tl.float32)
+            if SWAP_AB:
+                acc += tl.dot(tl.trans(w), tl.trans(a)) * s[:, None]
             else:
                 acc += tl.dot(a, w) * s[None, :]
+    if SWAP_AB:
+        acc = tl.trans(acc)
     if HAS_BIAS:
         if pid_k == 0:
             acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -260,7 +298,8 @@ def _dequant_t_kernel(
         tl.store(out_ptr + k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-TILED = ("tiled", "tiled-once", "scaled", "scaled-once")  # variants of _wint_a16_kernel
+TILED = ("tiled", "tiled-once", "scaled", "scaled-once")  # variants of _wint_a16_kernel, each also "swapped-..."
+TILED += tuple("swapped-" + v for v in TILED)
 
 
 def candidates(m: int, group: int, k: int) -> list[Config]:
@@ -293,6 +332,18 @@ def candidates(m: int, group: int, k: int) -> list[Config]:
     # Weights scaled before the dot, each word loaded once, came out fastest for M > 1 on an H100
     # (benchmarks/results/kernels.md); the same tiles scaling after the dot stay in the race.
     cfgs = [c._replace(variant=v) for v in ("scaled-once", "tiled-once") for c in cfgs]
+    # y^T = W x^T tiles that won at M = 16, 64 and 256 on the 8B shapes on an H100 (the x tile is
+    # the second operand of the dot, so BLOCK_M >= 16)
+    if m <= 16:
+        swapped = [(16, 128, 128, 8, 4), (16, 64, 128, 4, 4), (16, 64, 128, 8, 4), (16, 128, 128, 4, 4),
+                   (16, 64, 128, 2, 4), (16, 128, 128, 2, 4)]
+    elif m <= 64:
+        swapped = [(64, 64, 128, 4, 4), (64, 64, 128, 2, 4), (64, 128, 128, 4, 8), (64, 128, 128, 1, 4)]
+    elif m <= 256:
+        swapped = [(128, 64, 64, 2, 4), (128, 64, 128, 2, 4), (128, 64, 128, 1, 4)]
+    else:  # the tiled kernels lose to "dequant" there
+        swapped = []
+    cfgs += [Config(bm, n, k, s, w, 3, variant="swapped-scaled-once") for bm, n, k, s, w in swapped]
     if m > 64:  # compute bound: one pass writes W^T in x's dtype, then cuBLAS
         cfgs += [Config(16, 128, 0, variant="dequant"), Config(32, 64, 0, variant="dequant")]
     return [fit_block_k(c, group, k) for c in cfgs]
@@ -355,9 +406,11 @@ def launch(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, cfg: C
     _wint_a16_kernel[grid](
         x2, kw.data, kw.scale, kw.zero, bias, y, part, split_k.counters(x2.device),
         m, kw.n, kw.k, group, x2.stride(0), y.stride(0), cfg.split_k,
+        0x3F800000,  # the bits of 1.0, as an argument: in a register, OR and mask fuse into one op
         BITS=kw.bits, CONTAINER=kw.container if not kw.fp8 else 8, W_FP8=kw.fp8, HAS_ZERO=kw.zero is not None,
         HAS_BIAS=bias is not None, SPLIT=cfg.split_k > 1, INTERPRET=interpreting(),
-        UNPACK_ONCE=cfg.variant.endswith("-once") and not kw.fp8, PRESCALE=cfg.variant.startswith("scaled"),
+        UNPACK_ONCE=cfg.variant.endswith("-once") and not kw.fp8, PRESCALE="scaled" in cfg.variant,
+        SWAP_AB=cfg.variant.startswith("swapped-"),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
