@@ -340,7 +340,7 @@ def candidates(m: int, group: int, k: int) -> list[Config]:
     elif m <= 64:
         swapped = [(64, 64, 128, 4, 4), (64, 64, 128, 2, 4), (64, 128, 128, 4, 8), (64, 128, 128, 1, 4)]
     elif m <= 256:
-        swapped = [(128, 64, 64, 2, 4), (128, 64, 128, 2, 4), (128, 64, 128, 1, 4)]
+        swapped = [(128, 64, 64, 2, 4), (128, 64, 128, 2, 4), (128, 64, 128, 1, 4), (256, 128, 128, 1, 8)]
     else:  # the tiled kernels lose to "dequant" there
         swapped = []
     cfgs += [Config(bm, n, k, s, w, 3, variant="swapped-scaled-once") for bm, n, k, s, w in swapped]
