@@ -337,6 +337,7 @@ def candidates(m: int, group: int, k: int) -> list[Config]:
     if m <= 16:
         swapped = [(16, 128, 128, 8, 4), (16, 64, 128, 4, 4), (16, 64, 128, 8, 4), (16, 128, 128, 4, 4),
                    (16, 64, 128, 2, 4), (16, 128, 128, 2, 4)]
+        swapped4 = [(16, 128, 64, 4, 4)]  # four stages: gate_up's best at M = 16
     elif m <= 64:
         swapped = [(64, 64, 128, 4, 4), (64, 64, 128, 2, 4), (64, 128, 128, 4, 8), (64, 128, 128, 1, 4)]
     elif m <= 256:
@@ -344,6 +345,8 @@ def candidates(m: int, group: int, k: int) -> list[Config]:
     else:  # the tiled kernels lose to "dequant" there
         swapped = []
     cfgs += [Config(bm, n, k, s, w, 3, variant="swapped-scaled-once") for bm, n, k, s, w in swapped]
+    if m <= 16:
+        cfgs += [Config(bm, n, k, s, w, 4, variant="swapped-scaled-once") for bm, n, k, s, w in swapped4]
     if m > 64:  # compute bound: one pass writes W^T in x's dtype, then cuBLAS
         cfgs += [Config(16, 128, 0, variant="dequant"), Config(32, 64, 0, variant="dequant")]
     return [fit_block_k(c, group, k) for c in cfgs]
