@@ -335,18 +335,15 @@ def candidates(m: int, group: int, k: int) -> list[Config]:
     # y^T = W x^T tiles that won at M = 16, 64 and 256 on the 8B shapes on an H100 (the x tile is
     # the second operand of the dot, so BLOCK_M >= 16)
     if m <= 16:
-        swapped = [(16, 128, 128, 8, 4), (16, 64, 128, 4, 4), (16, 64, 128, 8, 4), (16, 128, 128, 4, 4),
-                   (16, 64, 128, 2, 4), (16, 128, 128, 2, 4)]
-        swapped4 = [(16, 128, 64, 4, 4)]  # four stages: gate_up's best at M = 16
+        swapped = [(16, 128, 128, 8, 4, 3), (16, 64, 128, 4, 4, 3), (16, 64, 128, 8, 4, 3), (16, 128, 128, 4, 4, 3),
+                   (16, 64, 128, 2, 4, 3), (16, 128, 128, 2, 4, 3), (16, 128, 64, 4, 4, 4)]
     elif m <= 64:
-        swapped = [(64, 64, 128, 4, 4), (64, 64, 128, 2, 4), (64, 128, 128, 4, 8), (64, 128, 128, 1, 4)]
+        swapped = [(64, 64, 128, 4, 4, 3), (64, 64, 128, 2, 4, 3), (64, 128, 128, 4, 8, 3), (64, 128, 128, 1, 4, 3)]
     elif m <= 256:
-        swapped = [(128, 64, 64, 2, 4), (128, 64, 128, 2, 4), (128, 64, 128, 1, 4), (256, 128, 128, 1, 8)]
+        swapped = [(128, 64, 64, 2, 4, 3), (128, 64, 128, 2, 4, 3), (128, 64, 128, 1, 4, 3), (256, 128, 128, 1, 8, 3)]
     else:  # the tiled kernels lose to "dequant" there
         swapped = []
-    cfgs += [Config(bm, n, k, s, w, 3, variant="swapped-scaled-once") for bm, n, k, s, w in swapped]
-    if m <= 16:
-        cfgs += [Config(bm, n, k, s, w, 4, variant="swapped-scaled-once") for bm, n, k, s, w in swapped4]
+    cfgs += [Config(bm, n, k, s, w, st, variant="swapped-scaled-once") for bm, n, k, s, w, st in swapped]
     if m > 64:  # compute bound: one pass writes W^T in x's dtype, then cuBLAS
         cfgs += [Config(16, 128, 0, variant="dequant"), Config(32, 64, 0, variant="dequant")]
     return [fit_block_k(c, group, k) for c in cfgs]
