@@ -66,7 +66,8 @@ def run_qfx(method: str, setting: str, a, fp: bool) -> dict:
     cmd = [sys.executable, "-m", "qfx.cli", "quantize", "--method", method, *SETTINGS[setting], *common_args(a),
            "--search-samples", str(a.search_samples), "--spin-steps", str(a.spin_steps),
            "--spin-lr", str(a.spin_lr), "--spin-batch", str(a.spin_batch), "--spin-schedule", a.spin_schedule,
-           "--spin-weights", a.spin_weights, "--rotation-seed", str(a.rotation_seed),
+           "--spin-weights", a.spin_weights, "--spin-estimator", a.spin_estimator,
+           "--rotation-seed", str(a.rotation_seed),
            "--calib-batch-size", str(a.calib_batch_size), "--json", "--quiet"]
     if not fp:
         cmd.append("--no-fp-eval")
@@ -152,6 +153,8 @@ def main() -> None:
                    help="qfx SpinQuant: step size schedule")
     p.add_argument("--spin-weights", choices=("auto", "rtn", "float"), default="auto",
                    help="qfx SpinQuant: weights while learning (see qfx quantize --help)")
+    p.add_argument("--spin-estimator", choices=("lsq", "ste"), default="lsq",
+                   help="qfx SpinQuant: gradient estimator (see qfx quantize --help)")
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded) or its .gguf file")
     p.add_argument("--eval", default=str(WIKITEXT), help="the WikiText-2 test text")
     p.add_argument("--peer-python", default=None, help="python of an environment with llmcompressor installed")
@@ -206,7 +209,7 @@ def header(a, torch, transformers) -> dict:
         f"{a.search_samples} samples; qfx SpinQuant takes {a.spin_steps} Cayley steps, "
         f"{'one sample' if a.spin_batch == 1 else f'{a.spin_batch} samples'} each, {a.spin_schedule} step size "
         f"{a.spin_lr}, "
-        f"weights while learning: {a.spin_weights}; random Hadamard rotations drawn with seed {a.rotation_seed}; "
+        f"weights while learning: {a.spin_weights}, gradient estimator {a.spin_estimator}; random Hadamard rotations drawn with seed {a.rotation_seed}; "
         "W4A4 is int4 per-channel symmetric weights and int4 per-token activations (a-clip0.9: each token's "
         "range clipped to 0.9 of its max |x|); peak_mem_mb is the process's peak RSS on CPU, peak allocated GPU memory "
         "during calibration on CUDA",

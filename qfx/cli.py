@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--spin-weights", choices=("auto", "rtn", "float"), default="auto",
                    help="spinquant: weights while learning: RTN fake-quantized, full precision, or auto (RTN "
                    "when RTN chooses the final weights, full precision when GPTQ or GPTAQ does)")
+    q.add_argument("--spin-estimator", choices=("lsq", "ste"), default="lsq",
+                   help="spinquant: gradient through the activation quantizers: rounding straight-through "
+                   "and the per-token scale differentiated (lsq), or the scale held constant (ste)")
     q.add_argument("--offload", action="store_true", help="keep the model in CPU memory during calibration; "
                    "only the block being calibrated goes to --device")
     q.add_argument("--recipe", default=None, help="a whole recipe string instead of the flags above")
@@ -164,6 +167,8 @@ def recipe_string(a: argparse.Namespace) -> str:
         parts.append(f"spin-{a.spin_schedule}")
     if a.spin_weights != "auto":
         parts.append(f"spin-weights-{a.spin_weights}")
+    if a.spin_estimator != "lsq":
+        parts.append(f"spin-{a.spin_estimator}")
     parts += [f"rule:{r}" for r in a.rule]
     return " ".join(parts)
 

@@ -15,7 +15,8 @@ Tokens: `wN` weight bits (16 = not quantized), `gN` group size (0 or -1 = per ch
 `clipR` weight clip ratio, `a-clipR` activation clip ratio, `fp8`, `scale-model` (weight scales rounded to the model dtype), `kvN`
 (KV cache: asymmetric int N per token and head) and `kv-gN` (... in groups of N along the head dim),
 `rot-seedN` (seed of QuaRot's random Hadamard rotations), `spin-stepsN`, `spin-lrX`, `spin-batchN`,
-`spin-linear` / `spin-constant` (step size schedule) and `spin-weights-{auto,rtn,float}` (SpinQuant),
+`spin-linear` / `spin-constant` (step size schedule), `spin-weights-{auto,rtn,float}` and
+`spin-lsq` / `spin-ste` (gradient estimator) (SpinQuant),
 `dampX`, `act-order` / `no-act-order` and `range-search` / `no-range-search` (GPTQ options; both
 on by default), `sinkX` (weight
 of each calibration window's first token in Hessians, default 16), `sq-alphaX` / `sq-alpha-search`
@@ -54,6 +55,7 @@ TRANSFORM_METHODS = ("smoothquant", "awq", "awq+")
 ROTATION_METHODS = ("quarot", "spinquant")
 SPIN_SCHEDULES = ("constant", "linear")
 SPIN_WEIGHTS = ("auto", "rtn", "float")
+SPIN_ESTIMATORS = ("lsq", "ste")
 
 
 class ConfigError(ValueError):
@@ -230,6 +232,11 @@ class Recipe:
     spin_weights: what the weights are while SpinQuant learns: "rtn" (fake-quantized by RTN),
         "float" (full precision, only activations and KV quantized), or "auto": "rtn" when RTN
         chooses the final weights, "float" when a calibrated method (GPTQ, ...) chooses them later.
+    spin_estimator: the gradient through each per-token activation quantizer while SpinQuant
+        learns. Both pass it straight through the rounding. "lsq" (default) also differentiates
+        the token's scale, max|x| / 7.5, as LSQ (Esser et al., 2020) does, so the loss sees how
+        a rotation changes each token's range; "ste" holds the scale constant, as the SpinQuant
+        paper's code does.
     """
 
     @property
@@ -258,6 +265,7 @@ class Recipe:
     spin_batch: int = 1
     spin_schedule: str = "constant"
     spin_weights: str = "auto"
+    spin_estimator: str = "lsq"
 
     def __post_init__(self) -> None:
         if self.sink_weight < 1.0:
@@ -299,6 +307,9 @@ class Recipe:
             raise ConfigError(f"Recipe.spin_schedule={self.spin_schedule!r}: choose from {', '.join(SPIN_SCHEDULES)}")
         if self.spin_weights not in SPIN_WEIGHTS:
             raise ConfigError(f"Recipe.spin_weights={self.spin_weights!r}: choose from {', '.join(SPIN_WEIGHTS)}")
+        if self.spin_estimator not in SPIN_ESTIMATORS:
+            raise ConfigError(f"Recipe.spin_estimator={self.spin_estimator!r}: choose from "
+                              f"{', '.join(SPIN_ESTIMATORS)}")
 
     def resolve(self, path: str, is_head: bool) -> tuple[QuantSpec | None, QuantSpec | None]:
         """(weight spec, act spec) for the linear at module path `path`."""
@@ -346,6 +357,7 @@ class Recipe:
             spin_batch=int(d.get("spin_batch", 1)),
             spin_schedule=d.get("spin_schedule", "constant"),
             spin_weights=d.get("spin_weights", "auto"),
+            spin_estimator=d.get("spin_estimator", "ste"),  # recipes saved before it existed learned with "ste"
         )
 
     @staticmethod
@@ -419,6 +431,8 @@ class Recipe:
                 extra["spin_schedule"] = tok[5:]
             elif m := re.fullmatch(r"spin-weights-(auto|rtn|float)", tok):
                 extra["spin_weights"] = m[1]
+            elif tok in ("spin-lsq", "spin-ste"):
+                extra["spin_estimator"] = tok[5:]
             elif tok.startswith("rule:"):
                 rules.append(_parse_rule(tok[5:]))
             else:
@@ -444,7 +458,7 @@ _OPTION = re.compile(r"w\d+|g-?\d+|a\d+|a-static|sym|asym|fp8|scale-model|damp.*
 
 
 _SAME_SETTING = {"asym": "sym", "no-act-order": "act-order", "no-range-search": "range-search",
-                 "spin-constant": "spin-linear", "sq-alpha-search": "sq-alpha"}
+                 "spin-constant": "spin-linear", "spin-ste": "spin-lsq", "sq-alpha-search": "sq-alpha"}
 
 
 def _setting(token: str) -> str:

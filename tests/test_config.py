@@ -72,6 +72,7 @@ def test_w16_a16_mean_not_quantized():
         ("w4 sym asym", "sets one thing twice: 'sym' and 'asym'"),
         ("w4 kv8 kv4", "sets one thing twice: 'kv8' and 'kv4'"),
         ("spinquant w4 spin-linear spin-constant", "sets one thing twice"),
+        ("spinquant w4 spin-lsq spin-ste", "sets one thing twice"),
     ],
 )
 def test_bad_recipes_name_the_problem(text, message):
@@ -128,11 +129,13 @@ def test_gptq_options():
 
 
 def test_kv_rotation_and_spinquant_tokens_round_trip():
-    r = Recipe.parse("spinquant,gptq w4 g-1 a4 kv4 kv-g32 rot-seed3 spin-steps20 spin-lr0.5")
+    r = Recipe.parse("spinquant,gptq w4 g-1 a4 kv4 kv-g32 rot-seed3 spin-steps20 spin-lr0.5 spin-ste")
     assert r.methods == ("spinquant", "gptq") and r.weight_method == "gptq"
     assert (r.kv.bits, r.kv.symmetric, r.kv.granularity, r.kv.group_size) == (4, False, "group", 32)
-    assert (r.rotation_seed, r.spin_steps, r.spin_lr) == (3, 20, 0.5)
+    assert (r.rotation_seed, r.spin_steps, r.spin_lr, r.spin_estimator) == (3, 20, 0.5, "ste")
     assert Recipe.from_dict(r.to_dict()) == r
+    lsq = Recipe.parse("spinquant w4 a4")
+    assert lsq.spin_estimator == "lsq" and Recipe.from_dict(lsq.to_dict()) == lsq
     assert Recipe.parse("w16 kv8").kv.granularity == "token"  # KV cache alone is a recipe
 
 

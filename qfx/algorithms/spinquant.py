@@ -6,8 +6,12 @@ QuaRot with identity R1/R2. Each step then:
 1. rebuilds the rotated weights from R1 and R2 (`rotated_tensors`, differentiable);
 2. runs the graph with every planned linear's input quantized per token (and its weight by
    RTN, per `Recipe.spin_weights`: by default only when the pipeline has no GPTQ-like method
-   to choose weights later, as in the paper), through a straight-through estimator, and the
-   KV cache quantized if the recipe says so;
+   to choose weights later, as in the paper), and the KV cache quantized if the recipe says
+   so. Gradients pass straight through the rounding; with `Recipe.spin_estimator` "lsq" (the
+   default) they also flow into each token's scale, and from it into the token's largest
+   |x|: the only path by which the loss sees that a rotation narrows or widens a token's
+   range. With "ste" (the paper's) the scale is a constant and the gradient sees only the
+   rounding error of the current codes;
 3. takes the next-token cross-entropy and moves R1 and each R2 along the orthogonal group
    by a Cayley step: A = G R^T - R G^T (skew), R <- (I + a/2 A)^-1 (I - a/2 A) R with
    a = min(lr_t, 1 / ||A||_1), which stays exactly orthogonal; lr_t is lr throughout, or
@@ -52,6 +56,17 @@ def _ste(x: torch.Tensor, fq: torch.Tensor) -> torch.Tensor:
     return x + (fq - x).detach()
 
 
+def _lsq_activation(x: torch.Tensor, bits: int, clip_ratio: float) -> torch.Tensor:
+    """x (..., K) fake-quantized per token as `qfx.primitives.quantize_per_token` does, with the
+    rounding straight-through and the scale s = clip_ratio * max|x| / ((qmax - qmin) / 2) kept
+    in the graph: d(s q)/ds = q - x / s, LSQ's scale gradient."""
+    qmin, qmax = P.qrange(bits, True)
+    amax = x.abs().amax(-1, keepdim=True) * clip_ratio  # the same float32 ops as quantize_per_token's
+    scale = torch.clamp(amax / ((qmax - qmin) / 2), min=P._EPS)
+    u = x / scale
+    return torch.clamp(u + (torch.round(u) - u).detach(), qmin, qmax) * scale
+
+
 def _fake_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     group = spec.group_size if spec.granularity == "group" else None
     return P.fake_quantize_weight(w.detach().float(), spec.bits, spec.symmetric, group, spec.clip_ratio)
@@ -60,9 +75,10 @@ def _fake_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 class _FakeQuantRun(Interpreter):
     """Runs the graph with `params` in place of its tensors and planned linears fake-quantized."""
 
-    def __init__(self, gm: GraphModule, params: dict[str, torch.Tensor], quantize_weights: bool):
+    def __init__(self, gm: GraphModule, params: dict[str, torch.Tensor], quantize_weights: bool,
+                 estimator: str = "ste"):
         super().__init__(gm)
-        self.params, self.quantize_weights = params, quantize_weights
+        self.params, self.quantize_weights, self.estimator = params, quantize_weights, estimator
         self.planned = dict(plans(gm))
 
     def get_attr(self, target, args, kwargs):
@@ -75,7 +91,9 @@ class _FakeQuantRun(Interpreter):
         args, _ = self.fetch_args_kwargs_from_env(n)
         x, w, b = args[0], args[1], args[2] if len(args) > 2 else None
         xf, wf = x.float(), w.float()
-        if plan.act is not None:
+        if plan.act is not None and self.estimator == "lsq" and plan.act.dtype != "fp8":
+            xf = _lsq_activation(xf, plan.act.bits, plan.act.clip_ratio)
+        elif plan.act is not None:
             xf = _ste(xf, fake_quantize_activation(xf.detach(), plan.act.bits, None, fp8=plan.act.dtype == "fp8",
                                                    clip_ratio=plan.act.clip_ratio))
         if self.quantize_weights and plan.weight is not None:
@@ -120,7 +138,7 @@ def learn_rotations(model: torch.nn.Module, recipe: Recipe | str, batches, steps
             ids = batches[(step * batches_per_step + j) % len(batches)].to(device)
             rotated = rotated_tensors(base, plan, r1, r2)
             params = {t: v.to(dtypes[t]) for t, v in rotated.items()}
-            out = _FakeQuantRun(gm, params, quantize_weights).run(ids)
+            out = _FakeQuantRun(gm, params, quantize_weights, recipe.spin_estimator).run(ids)
             logits = out[0] if isinstance(out, (tuple, list)) else out
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
             for g, d in zip(grads, torch.autograd.grad(loss / batches_per_step, leaves)):

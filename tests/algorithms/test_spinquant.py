@@ -104,3 +104,49 @@ def test_linear_schedule_decays_the_step_size():
     assert Recipe.parse("spinquant w4 spin-linear").spin_schedule == "linear"
     with pytest.raises(qfx.ConfigError, match="spin_schedule='cosine'"):
         Recipe(methods=("spinquant",), spin_schedule="cosine")
+
+
+@pytest.mark.parametrize("clip", [1.0, 0.9])
+def test_lsq_activation_quantizes_as_the_op_and_differentiates_the_scale(clip):
+    # forward: the codes and scales of `quantize_per_token`, bit for bit. Backward for a loss
+    # sum(c * xq): c straight through for every element, plus, at each token's largest |x|,
+    # sign(x) * clip / 7.5 * sum_i c_i (q_i - x_i / s) (the scale's share; int4: s = clip max|x| / 7.5).
+    from qfx.algorithms.spinquant import _lsq_activation
+    from qfx.ops import fake_quantize_activation
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 40, generator=g, dtype=torch.float32)
+    c = torch.randn(6, 40, generator=g, dtype=torch.float32)
+    xq_ref = fake_quantize_activation(x, 4, None, fp8=False, clip_ratio=clip)
+    leaf = x.clone().requires_grad_()
+    xq = _lsq_activation(leaf, 4, clip)
+    torch.testing.assert_close(xq, xq_ref, rtol=0, atol=0)
+    (xq * c).sum().backward()
+
+    s = clip * x.abs().amax(-1, keepdim=True) / 7.5
+    u = x / s
+    q = torch.clamp(torch.round(u), -8, 7)
+    inside = (torch.round(u) >= -8) & (torch.round(u) <= 7)  # clamp passes the gradient only for codes in range
+    expected = torch.where(inside, c, torch.zeros_like(c))
+    d_scale = (c * torch.where(inside, q - u, q)).sum(-1)  # d(s * clamp(u))/ds, u = x / s
+    top = x.abs().argmax(-1)
+    rows = torch.arange(6)
+    expected[rows, top] += torch.sign(x[rows, top]) * clip / 7.5 * d_scale
+    torch.testing.assert_close(leaf.grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_spin_estimator_chooses_the_activation_gradient():
+    # lsq (default) and ste see the same forward loss but different gradients, so one step
+    # lands on different rotations; without activation quantization they are the same.
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(5))
+
+    def learn(recipe):
+        return learn_rotations(model, recipe, ids.split(1), steps=1, progress=False)["R1"]
+
+    assert Recipe.parse("spinquant w4 g-1 a4").spin_estimator == "lsq"
+    assert Recipe.parse("spinquant w4 g-1 a4 spin-ste").spin_estimator == "ste"
+    assert not torch.allclose(learn("spinquant w4 g-1 a4"), learn("spinquant w4 g-1 a4 spin-ste"), rtol=0, atol=1e-4)
+    torch.testing.assert_close(learn("spinquant w4 g-1"), learn("spinquant w4 g-1 spin-ste"), rtol=0, atol=0)
+    with pytest.raises(qfx.ConfigError, match="spin_estimator='lsd'"):
+        Recipe(methods=("spinquant",), spin_estimator="lsd")
