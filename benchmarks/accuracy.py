@@ -58,6 +58,15 @@ PEER_METHODS = {"rtn": "rtn", "gptq": "gptq", "awq": "awq", "smoothquant": "smoo
 PEER_SETTINGS = ("W4A16 g64 asym", "W4A16 g64 sym", "W3A16 g64 asym", "W4A8 g64 sym", "W8A8", "W4A4 KV16")
 
 
+def _run(cmd: list[str]) -> str:
+    """stdout of cmd; on failure, an error that carries the end of its stderr (the cause)."""
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.replace("\r", "\n").strip().splitlines()[-25:])
+        raise RuntimeError(f"{' '.join(map(str, cmd))} exited with {done.returncode}:\n{tail}")
+    return done.stdout
+
+
 def _last_json(out: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
@@ -71,7 +80,7 @@ def run_qfx(method: str, setting: str, a, fp: bool) -> dict:
            "--calib-batch-size", str(a.calib_batch_size), "--json", "--quiet"]
     if not fp:
         cmd.append("--no-fp-eval")
-    r = _last_json(subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout)
+    r = _last_json(_run(cmd))
     peak = r["peak_gpu_mb"] if a.device.startswith("cuda") else r["peak_rss_mb"]
     return {"tool": "qfx", "method": method, "setting": setting, "ppl": r["ppl_quant"], "ppl_fp": r["ppl_fp"],
             "eval_windows": r["eval_windows"], "calib_samples": r["calib_samples"],
@@ -81,7 +90,7 @@ def run_qfx(method: str, setting: str, a, fp: bool) -> dict:
 def run_peer(method: str, setting: str, a) -> dict:
     cmd = [a.peer_python, str(ROOT / "benchmarks" / "peer_llmcompressor.py"), "--method", PEER_METHODS[method],
            "--setting", setting, *common_args(a)]
-    r = _last_json(subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout)
+    r = _last_json(_run(cmd))
     return {"tool": "llm-compressor", "method": method, "setting": setting, **r, "device": a.device}
 
 

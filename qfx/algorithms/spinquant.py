@@ -56,15 +56,42 @@ def _ste(x: torch.Tensor, fq: torch.Tensor) -> torch.Tensor:
     return x + (fq - x).detach()
 
 
-def _lsq_activation(x: torch.Tensor, bits: int, clip_ratio: float) -> torch.Tensor:
-    """x (..., K) fake-quantized per token as `qfx.primitives.quantize_per_token` does, with the
-    rounding straight-through and the scale s = clip_ratio * max|x| / ((qmax - qmin) / 2) kept
-    in the graph: d(s q)/ds = q - x / s, LSQ's scale gradient."""
-    qmin, qmax = P.qrange(bits, True)
-    amax = x.abs().amax(-1, keepdim=True) * clip_ratio  # the same float32 ops as quantize_per_token's
-    scale = torch.clamp(amax / ((qmax - qmin) / 2), min=P._EPS)
-    u = x / scale
-    return torch.clamp(u + (torch.round(u) - u).detach(), qmin, qmax) * scale
+class _LsqActivation(torch.autograd.Function):
+    """x (..., K) fake-quantized per token as `qfx.primitives.quantize_per_token` does, as
+    float32, with LSQ's gradient: straight through the rounding wherever the code is in range,
+    and through the scale s = clip_ratio * max|x| / ((qmax - qmin) / 2) into each token's
+    largest |x|, with d(s q)/ds = q - x / s (q where the code is clamped).
+
+    Written out by hand so that backward keeps only x and the (..., 1) scales: the same
+    gradient through autograd's ops kept about four float32 copies of every quantized input."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bits: int, clip_ratio: float) -> torch.Tensor:
+        qmin, qmax = P.qrange(bits, True)
+        half_range = (qmax - qmin) / 2
+        xf = x.float()
+        amax = xf.abs().amax(-1, keepdim=True) * clip_ratio  # the same float32 ops as quantize_per_token's
+        scale = torch.clamp(amax / half_range, min=P._EPS)
+        ctx.save_for_backward(x, scale)
+        ctx.qrange, ctx.ds_dmax = (qmin, qmax), clip_ratio / half_range
+        return torch.clamp(torch.round(xf / scale), qmin, qmax) * scale
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, scale = ctx.saved_tensors
+        qmin, qmax = ctx.qrange
+        xf = x.float()
+        u = xf / scale
+        codes = torch.round(u)
+        inside = (codes >= qmin) & (codes <= qmax)
+        codes = codes.clamp(qmin, qmax)
+        grad_scale = (grad * torch.where(inside, codes - u, codes)).sum(-1, keepdim=True)
+        grad_scale = grad_scale * (scale > P._EPS)  # a clamped (all-zero) token's scale is a constant
+        mag = xf.abs()
+        top = (mag == mag.amax(-1, keepdim=True)).float()
+        top = top / top.sum(-1, keepdim=True)  # amax shares its gradient between ties, as autograd's does
+        grad_x = torch.where(inside, grad, 0.0) + grad_scale * ctx.ds_dmax * torch.sign(xf) * top
+        return grad_x.to(x.dtype), None, None
 
 
 def _fake_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -92,7 +119,7 @@ class _FakeQuantRun(Interpreter):
         x, w, b = args[0], args[1], args[2] if len(args) > 2 else None
         xf, wf = x.float(), w.float()
         if plan.act is not None and self.estimator == "lsq" and plan.act.dtype != "fp8":
-            xf = _lsq_activation(xf, plan.act.bits, plan.act.clip_ratio)
+            xf = _LsqActivation.apply(x, plan.act.bits, plan.act.clip_ratio)
         elif plan.act is not None:
             xf = _ste(xf, fake_quantize_activation(xf.detach(), plan.act.bits, None, fp8=plan.act.dtype == "fp8",
                                                    clip_ratio=plan.act.clip_ratio))

@@ -106,21 +106,30 @@ def test_linear_schedule_decays_the_step_size():
         Recipe(methods=("spinquant",), spin_schedule="cosine")
 
 
+def _lsq_by_autograd(x, clip):
+    """The same estimator from plain ops: rounding straight-through, the scale differentiated."""
+    s = torch.clamp(x.float().abs().amax(-1, keepdim=True) * clip / 7.5, min=1e-12)
+    u = x.float() / s
+    return torch.clamp(u + (torch.round(u) - u).detach(), -8, 7) * s
+
+
 @pytest.mark.parametrize("clip", [1.0, 0.9])
 def test_lsq_activation_quantizes_as_the_op_and_differentiates_the_scale(clip):
     # forward: the codes and scales of `quantize_per_token`, bit for bit. Backward for a loss
-    # sum(c * xq): c straight through for every element, plus, at each token's largest |x|,
-    # sign(x) * clip / 7.5 * sum_i c_i (q_i - x_i / s) (the scale's share; int4: s = clip max|x| / 7.5).
-    from qfx.algorithms.spinquant import _lsq_activation
+    # sum(c * xq): c straight through where the code is in range, plus, at each token's largest
+    # |x|, sign(x) * clip / 7.5 * sum_i c_i (q_i - x_i / s) (the scale's share; int4:
+    # s = clip max|x| / 7.5, and q_i alone where the code is clamped). The hand-written backward
+    # also matches autograd through plain ops.
+    from qfx.algorithms.spinquant import _LsqActivation
     from qfx.ops import fake_quantize_activation
 
     g = torch.Generator().manual_seed(4)
     x = torch.randn(6, 40, generator=g, dtype=torch.float32)
+    x[2, 5] = 0.0
     c = torch.randn(6, 40, generator=g, dtype=torch.float32)
-    xq_ref = fake_quantize_activation(x, 4, None, fp8=False, clip_ratio=clip)
     leaf = x.clone().requires_grad_()
-    xq = _lsq_activation(leaf, 4, clip)
-    torch.testing.assert_close(xq, xq_ref, rtol=0, atol=0)
+    xq = _LsqActivation.apply(leaf, 4, clip)
+    torch.testing.assert_close(xq, fake_quantize_activation(x, 4, None, fp8=False, clip_ratio=clip), rtol=0, atol=0)
     (xq * c).sum().backward()
 
     s = clip * x.abs().amax(-1, keepdim=True) / 7.5
@@ -133,6 +142,29 @@ def test_lsq_activation_quantizes_as_the_op_and_differentiates_the_scale(clip):
     rows = torch.arange(6)
     expected[rows, top] += torch.sign(x[rows, top]) * clip / 7.5 * d_scale
     torch.testing.assert_close(leaf.grad, expected, rtol=1e-5, atol=1e-6)
+
+    ref_leaf = x.clone().requires_grad_()
+    (_lsq_by_autograd(ref_leaf, clip) * c).sum().backward()
+    torch.testing.assert_close(leaf.grad, ref_leaf.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_lsq_activation_takes_bf16_and_all_zero_tokens():
+    # bf16 in (as the model's activations are), float32 out, gradient back in bf16; a token of
+    # zeros has a clamped scale, which passes no gradient (autograd's clamp does the same).
+    from qfx.algorithms.spinquant import _LsqActivation
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 64, generator=g).to(torch.bfloat16)
+    x[1] = 0
+    c = torch.randn(4, 64, generator=g)
+    mine, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = _LsqActivation.apply(mine, 4, 1.0)
+    assert out.dtype == torch.float32
+    (out * c).sum().backward()
+    (_lsq_by_autograd(ref, 1.0) * c).sum().backward()
+    assert mine.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(mine.grad, ref.grad, rtol=0, atol=0)
+    torch.testing.assert_close(mine.grad[1], c[1].to(torch.bfloat16), rtol=0, atol=0)
 
 
 def test_spin_estimator_chooses_the_activation_gradient():
