@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
 import torch
 from torch.fx import GraphModule
 
 from qfx.algorithms.spinquant import learn_rotations
 from qfx.calibrate import calibrate
-from qfx.capture import capture, linear_nodes
+from qfx.capture import capture
 from qfx.config import TRANSFORM_METHODS, ConfigError, Recipe
 from qfx.passes import counts
-from qfx.passes.annotate_linears import annotate_linears
-from qfx.passes.canonicalize_linears import canonicalize_linears
-from qfx.passes.insert_observers import insert_observers
-from qfx.passes.quantize_kv import quantize_kv_cache
 from qfx.passes.quantize_linears import quantize_linears
-from qfx.passes.rotate import rotate_for_recipe
+from qfx.pipeline import QuantizeError, with_observers
 
-
-class QuantizeError(RuntimeError):
-    """A model or input that the recipe cannot be applied to."""
+__all__ = ["QuantizeError", "convert", "needs_calibration", "prepare", "quantize"]
 
 
 def prepare(
@@ -40,18 +35,7 @@ def prepare(
     """
     recipe = Recipe.parse(recipe) if isinstance(recipe, str) else recipe
     gm = model if isinstance(model, GraphModule) else capture(model, example_inputs, dtype=dtype)
-    gm = canonicalize_linears(gm)
-    if not linear_nodes(gm):
-        raise QuantizeError(
-            f"{gm.meta.get('qfx', {}).get('source', {}).get('class', type(model).__name__)} has no linear layers "
-            "with parameter weights; qfx quantizes linear / Conv1D projections"
-        )
-    gm = rotate_for_recipe(gm, recipe, rotations=rotations)
-    gm = quantize_kv_cache(gm, recipe.kv)
-    gm = annotate_linears(gm, recipe)
-    gm = insert_observers(gm, recipe)
-    gm.meta["qfx"]["recipe"] = recipe.to_dict()
-    return gm
+    return with_observers(gm, recipe, rotations=rotations)
 
 
 def needs_calibration(prepared: GraphModule) -> bool:
@@ -74,29 +58,53 @@ def convert(prepared: GraphModule) -> GraphModule:
 def quantize(
     model: torch.nn.Module,
     recipe: Recipe | str,
-    calib: Iterable[torch.Tensor] | None = None,
+    calib: Iterable[torch.Tensor] | Callable[[], Iterable[torch.Tensor]] | None = None,
     example_inputs: tuple | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = True,
     device: torch.device | str | None = None,
+    timings: dict | None = None,
+    on_rotations: Callable[[dict[str, torch.Tensor]], None] | None = None,
 ) -> GraphModule:
-    """One call: prepare, calibrate block by block (when the recipe needs it), convert.
+    """One call: (learn rotations,) prepare, calibrate block by block (when the recipe needs it), convert.
 
-    calib: batches of token ids (B, S) (see `qfx.data.calibration_samples` for text).
+    calib: batches of token ids (B, S) (see `qfx.data.calibration_samples` for text), or a
+        function returning them, called only when the recipe needs calibration data.
     device: where calibration runs; a model in CPU memory is calibrated there one block at
         a time (see `qfx.calibrate`).
+    timings: a dict that receives `calib_seconds` (rotation learning and calibration) and
+        `calib_samples` (rows of token ids seen).
+    on_rotations: called with SpinQuant's learned rotations (e.g. to save them).
     """
     recipe = Recipe.parse(recipe) if isinstance(recipe, str) else recipe
-    calib = None if calib is None else list(calib)
+    timings = {} if timings is None else timings
+    timings.update(calib_seconds=0.0, calib_samples=0)
+    batches: list[torch.Tensor] | None = None
+
+    def calibration_batches(why: str) -> list[torch.Tensor]:
+        nonlocal batches
+        if batches is None:
+            given = calib() if callable(calib) else calib
+            batches = None if given is None else list(given)
+        if not batches:
+            raise ConfigError(f"{why}: pass calib=")
+        timings["calib_samples"] = sum(int(b.shape[0]) for b in batches)
+        return batches
+
     rotations = None
     if "spinquant" in recipe.methods and recipe.rotation_path is None:
-        if not calib:
-            raise ConfigError("spinquant learns its rotations from calibration data: pass calib=")
+        rows = [b[i:i + 1] for b in calibration_batches("spinquant learns its rotations from calibration data")
+                for i in range(b.shape[0])]  # spin-batchN counts samples, not batches
         model = model.to(dtype) if dtype is not None else model
-        rotations = learn_rotations(model, recipe, calib, recipe.spin_steps, recipe.spin_lr, progress, recipe.spin_batch)
+        start = time.time()
+        rotations = learn_rotations(model, recipe, rows, recipe.spin_steps, recipe.spin_lr, progress, recipe.spin_batch)
+        timings["calib_seconds"] += time.time() - start
+        if on_rotations is not None:
+            on_rotations(rotations)
     prepared = prepare(model, recipe, example_inputs, dtype=dtype, rotations=rotations)
     if needs_calibration(prepared):
-        if calib is None:
-            raise ConfigError("this recipe needs calibration data (static activation scales or GPTQ): pass calib=")
-        calibrate(prepared, calib, progress=progress, device=device)
+        data = calibration_batches("this recipe needs calibration data (static activation scales or GPTQ)")
+        start = time.time()
+        calibrate(prepared, data, progress=progress, device=device)
+        timings["calib_seconds"] += time.time() - start
     return convert(prepared)

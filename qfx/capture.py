@@ -34,6 +34,7 @@ def capture(
     example_inputs: tuple | None = None,
     dtype: torch.dtype | None = None,
     dynamic_shapes=None,
+    positions: bool = False,
 ) -> GraphModule:
     """Capture `model` as a GraphModule.
 
@@ -43,6 +44,9 @@ def capture(
     dtype: cast the model to this dtype first (the captured graph is specific to it).
     dynamic_shapes: as torch.export takes it; HF models default to dynamic batch and
         sequence dimensions, other modules to static shapes.
+    positions: HF models only: capture `(input_ids (B, S), position_ids (B, S)) -> logits`,
+        the graph `qfx.passes.attach_kv_cache` turns into a generation graph (see
+        `capture_for_cache`).
     """
     if dtype is not None:
         model = model.to(dtype)
@@ -50,7 +54,7 @@ def capture(
     hf = is_hf_causal_lm(model)
     source: dict = {"kind": "module", "class": type(model).__name__}
     if hf:
-        example_inputs, dynamic_shapes = _hf_defaults(model, example_inputs, dynamic_shapes)
+        example_inputs, dynamic_shapes = _hf_defaults(model, example_inputs, dynamic_shapes, positions)
         source = {
             "kind": "hf_causal_lm",
             "class": type(model).__name__,
@@ -61,7 +65,7 @@ def capture(
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     try:
-        with _logits_forward(model) if hf else _nullcontext():
+        with _logits_forward(model, positions) if hf else _nullcontext():
             ep = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes)
     except Exception as e:  # torch.export raises many types; report them all the same way
         raise CaptureError(_explain(model, e)) from e
@@ -77,7 +81,22 @@ def capture(
     # names a checkpoint of this model holds (exports write these, not non-persistent buffers)
     source["state_names"] = list(model.state_dict().keys())
     gm.meta["qfx"] = {"source": source}
+    if positions:
+        gm.meta["qfx"]["positions"] = True
     return gm
+
+
+def capture_for_cache(model: torch.nn.Module) -> GraphModule:
+    """A Hugging Face causal LM as `(input_ids (B, S), position_ids (B, S)) -> logits (B, S, V)`.
+
+    The positions are an input (not `arange(S)`), so that the graph can be given a KV cache:
+    `qfx.passes.attach_kv_cache` replaces each attention by one over the cache, and the mask
+    HF builds here becomes dead code. The quantization passes apply to it as to `capture`'s
+    graph, and its tensors have the same names.
+    """
+    if not is_hf_causal_lm(model):
+        raise CaptureError(f"{type(model).__name__} is not a Hugging Face causal LM: generation needs one")
+    return capture(model, positions=True)
 
 
 def hf_dynamic_shapes(max_seq: int) -> tuple:
@@ -90,23 +109,29 @@ def hf_dynamic_shapes(max_seq: int) -> tuple:
     return ({0: Dim.DYNAMIC(min=1, max=MAX_BATCH), 1: Dim.DYNAMIC(min=1, max=max_seq)},)
 
 
-def _hf_defaults(model, example_inputs, dynamic_shapes):
+def _hf_defaults(model, example_inputs, dynamic_shapes, positions: bool = False):
     if example_inputs is None:
         vocab = int(getattr(model.config, "vocab_size", 32))
         device = next(model.parameters()).device
         g = torch.Generator().manual_seed(0)
         example_inputs = (torch.randint(0, vocab, (2, 16), generator=g).to(device),)
+        if positions:  # rows at different offsets, as left-padded prompts have them
+            example_inputs += (torch.arange(16, device=device).repeat(2, 1) + torch.tensor([[0], [3]], device=device),)
     if dynamic_shapes is None:
         max_seq = int(getattr(model.config, "max_position_embeddings", None) or 8192)
         dynamic_shapes = hf_dynamic_shapes(max_seq)
+        if positions:
+            dynamic_shapes = (dynamic_shapes[0], dynamic_shapes[0])
     return example_inputs, dynamic_shapes
 
 
 class _logits_forward:
-    """Temporarily make an HF model's forward `input_ids -> logits` (no cache, no dict)."""
+    """Temporarily make an HF model's forward `input_ids -> logits` (no cache, no dict), or
+    `(input_ids, position_ids) -> logits`."""
 
-    def __init__(self, model):
+    def __init__(self, model, positions: bool = False):
         self.model = model
+        self.positions = positions
 
     def __enter__(self):
         full = self.model.forward
@@ -114,6 +139,11 @@ class _logits_forward:
         def forward(self, input_ids):
             return full(input_ids=input_ids, use_cache=False).logits
 
+        def forward_at(self, input_ids, position_ids):
+            return full(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+        if self.positions:
+            forward = forward_at
         self.model.forward = types.MethodType(forward, self.model)
 
     def __exit__(self, *exc):

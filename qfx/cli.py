@@ -219,29 +219,22 @@ def cmd_quantize(a: argparse.Namespace) -> dict:
     if windows is not None and not a.no_fp_eval:
         ppl_fp = perplexity(_LogitsOf(model), windows, a.batch_size, home, progress, "eval fp")
     t_quant = time.time()
-    calib_used, calib_seconds, rotations, samples = 0, 0.0, None, None
-    if "spinquant" in recipe.methods and not recipe.rotation_path:
-        samples = calibration_samples(tokenize(read_text(a.calib), tokenizer), a.calib_samples, a.seq_len, a.seed)
-        t_cal = time.time()
-        rotations = qfx.learn_rotations(model, recipe, samples.split(1), recipe.spin_steps, recipe.spin_lr, progress,
-                                        recipe.spin_batch)
-        calib_seconds, calib_used = time.time() - t_cal, int(samples.shape[0])
-        if a.rotation_out:
-            from qfx.passes.rotate import save_rotations
+    if a.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
 
-            save_rotations(rotations, a.rotation_out)
-    prepared = qfx.prepare(model, recipe, rotations=rotations)
-    if qfx.needs_calibration(prepared):
-        if samples is None:
-            samples = calibration_samples(tokenize(read_text(a.calib), tokenizer), a.calib_samples, a.seq_len,
-                                          a.seed)
-        t_cal = time.time()
-        if a.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        qfx.calibrate(prepared, samples.split(a.calib_batch_size), progress=progress, device=a.device)
-        calib_seconds += time.time() - t_cal
-        calib_used = int(samples.shape[0])
-    qmodel = qfx.convert(prepared)
+    def samples():
+        data = calibration_samples(tokenize(read_text(a.calib), tokenizer), a.calib_samples, a.seq_len, a.seed)
+        return data.split(a.calib_batch_size)
+
+    save_rotations = None
+    if a.rotation_out:
+        from qfx.passes.rotate import save_rotations as write
+
+        save_rotations = lambda rotations: write(rotations, a.rotation_out)  # noqa: E731
+    timings: dict = {}
+    qmodel = qfx.quantize(model, recipe, calib=samples, progress=progress, device=a.device, timings=timings,
+                          on_rotations=save_rotations)
+    calib_used, calib_seconds = timings["calib_samples"], timings["calib_seconds"]
     if home != a.device:
         from qfx.capture import retarget_devices
 

@@ -26,11 +26,7 @@ from torch.fx import GraphModule
 
 from qfx.capture import capture, get_attr_tensor, hf_dynamic_shapes, set_attr_tensor
 from qfx.config import Recipe
-from qfx.passes.annotate_linears import annotate_linears
-from qfx.passes.canonicalize_linears import canonicalize_linears
-from qfx.passes.quantize_kv import quantize_kv_cache
-from qfx.passes.quantize_linears import quantize_linears
-from qfx.passes.rotate import rotate_for_recipe
+from qfx.pipeline import for_tensors
 
 FORMAT = "qfx"
 FORMAT_VERSION = 2  # 2: online rotations of sizes 156 * 2^k and 172 * 2^k use Hadamard matrices
@@ -167,9 +163,18 @@ def rebuild(meta: dict, device: str | torch.device = "cpu") -> GraphModule:
 
     A captured graph is specific to the device it was traced on, so it is traced there.
     """
+    gm = for_tensors(capture(empty_model(meta["source"], device)), Recipe.from_dict(meta["recipe"]))
+    if meta.get("format_version", 1) < 2:
+        _check_v1_rotations(gm)
+    gm.meta["qfx"]["recipe"] = meta["recipe"]
+    return gm
+
+
+def empty_model(source: dict, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The Hugging Face model a captured graph's `source` describes, with uninitialised tensors
+    on `device` in the dtypes they had at capture (built on the meta device: nothing is initialised)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    source = meta["source"]
     try:
         config = AutoConfig.for_model(**source["config"])
     except Exception as e:
@@ -179,17 +184,22 @@ def rebuild(meta: dict, device: str | torch.device = "cpu") -> GraphModule:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model = model.to_empty(device=device)
     _restore_dtypes(model, source.get("tensor_dtypes", {}))
-    gm = capture(model)
-    gm = canonicalize_linears(gm)
-    recipe = Recipe.from_dict(meta["recipe"])
-    gm = rotate_for_recipe(gm, recipe, compute=False)  # the graph structure only: tensors come from the file
-    if meta.get("format_version", 1) < 2:
-        _check_v1_rotations(gm)
-    gm = quantize_kv_cache(gm, recipe.kv)
-    gm = annotate_linears(gm, recipe)
-    gm = quantize_linears(gm, allocate_only=True)
-    gm.meta["qfx"]["recipe"] = meta["recipe"]
-    return gm
+    return model.eval()
+
+
+def copy_tensors(src: torch.nn.Module, dst: GraphModule, where: str) -> None:
+    """Fill every tensor `dst`'s graph reads from the tensor of the same name in `src`, checking
+    shapes and dtypes (`where` names the source in errors)."""
+    for target in _tensor_targets(dst):
+        expected = get_attr_tensor(dst, target)
+        try:
+            found = get_attr_tensor(src, target)
+        except AttributeError:
+            raise CheckpointError(f"{where}: tensor {target!r} is missing") from None
+        if tuple(found.shape) != tuple(expected.shape) or found.dtype != expected.dtype:
+            raise CheckpointError(f"{where}: tensor {target!r} is {tuple(found.shape)} {found.dtype}, "
+                                  f"the model expects {tuple(expected.shape)} {expected.dtype}")
+        set_attr_tensor(dst, target, found.to(expected.device))
 
 
 def _check_v1_rotations(gm: GraphModule) -> None:

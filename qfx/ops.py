@@ -130,11 +130,8 @@ def _(x, bits, group_size):
 
 def quantize_kv_ref(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """Plain-PyTorch reference for `qfx::quantize_kv`."""
-    d = x.shape[-1]
-    xg = P.to_groups(x.float(), group_size or d)  # (..., G, g); zero padding never widens a range
-    scale, zero = P.choose_qparams(xg.amin(-1, keepdim=True), xg.amax(-1, keepdim=True), bits, False)
-    codes = P.quantize(xg, scale, zero, bits)
-    return P.from_groups(P.dequantize(codes, scale, zero, bits), d).to(x.dtype).contiguous()
+    codes, scale, zero = P.quantize_kv_rows(x, bits, group_size)
+    return P.dequantize_kv_rows(codes, scale, zero, bits, group_size, x.dtype).contiguous()
 
 
 def _quantize_kv_backward(ctx, grad):

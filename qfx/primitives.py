@@ -204,3 +204,23 @@ def unpack(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
     codes = (word >> shifts) & ((1 << bits) - 1)
     return codes.to(torch.uint8).reshape(*packed.shape[:-1], -1)[..., :in_features]
+
+
+def quantize_kv_rows(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys or values (..., D) -> asymmetric int `bits` codes per row and group of `group_size`
+    along D (0: one group per row), as a KV cache stores them.
+
+    Returns codes (..., D) uint8, scale (..., G) float32, zero (..., G) uint8.
+    """
+    d = x.shape[-1]
+    xg = to_groups(x.float(), group_size or d)  # (..., G, g); zero padding never widens a range
+    scale, zero = choose_qparams(xg.amin(-1, keepdim=True), xg.amax(-1, keepdim=True), bits, False)
+    return from_groups(quantize(xg, scale, zero, bits), d), scale.squeeze(-1), zero.squeeze(-1)
+
+
+def dequantize_kv_rows(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of `quantize_kv_rows`: codes (..., D), scale / zero (..., G) -> (..., D) in `dtype`."""
+    d = codes.shape[-1]
+    groups = to_groups(codes, group_size or d)
+    return from_groups(dequantize(groups, scale.unsqueeze(-1), zero.unsqueeze(-1), bits), d).to(dtype)

@@ -32,11 +32,11 @@ from qfx.algorithms.hadamard import orthogonal
 from qfx.capture import capture, get_attr_tensor
 from qfx.config import QuantSpec, Recipe
 from qfx.ops import fake_quantize_activation
-from qfx.passes.annotate_linears import annotate_linears, plans
+from qfx.passes.annotate_linears import plans
 from qfx.passes.canonicalize_linears import canonicalize_linears
 from qfx.passes.fold_norms import checked_stream
-from qfx.passes.quantize_kv import quantize_kv_cache
-from qfx.passes.rotate import plan_rotation, rotate, rotated_tensors
+from qfx.passes.rotate import plan_rotation, rotated_tensors
+from qfx.pipeline import lay_out
 
 
 def cayley_step(r: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
@@ -143,9 +143,7 @@ def learn_rotations(model: torch.nn.Module, recipe: Recipe | str, batches, steps
     plan = plan_rotation(gm, stream)
     identity = {"R1": torch.eye(plan.width, dtype=torch.float64)}
     identity.update({k: torch.eye(r.fold.head_dim, dtype=torch.float64) for k, r in zip(plan.r2_keys(), plan.heads)})
-    gm = rotate(gm, rotations=identity)  # norms folded, R4 folded and online, R3 online
-    gm = quantize_kv_cache(gm, recipe.kv)
-    gm = annotate_linears(gm, recipe)
+    gm = lay_out(gm, recipe, rotations=identity)  # norms folded, R4 folded and online, R3 online
     stream = checked_stream(gm)
     plan = plan_rotation(gm, stream)  # same targets, read from the rewritten graph
     device = get_attr_tensor(gm, plan.embeddings[0]).device

@@ -176,9 +176,9 @@ def build_imported_graph(ckpt: ImportedCheckpoint, recipe_for, fill_layer, devic
 
     from qfx.capture import capture, linear_nodes, module_path, set_attr_tensor
     from qfx.io import CheckpointError
-    from qfx.passes.annotate_linears import annotate_linears, plans
+    from qfx.passes.annotate_linears import plans
     from qfx.passes.canonicalize_linears import canonicalize_linears
-    from qfx.passes.quantize_linears import quantize_linears
+    from qfx.pipeline import for_tensors
 
     dtype = getattr(torch, str(ckpt.config.get("torch_dtype") or ckpt.config.get("dtype") or "bfloat16"))
     config = AutoConfig.for_model(**ckpt.config)
@@ -190,9 +190,9 @@ def build_imported_graph(ckpt: ImportedCheckpoint, recipe_for, fill_layer, devic
     model.load_state_dict(dense, strict=False)
     for k in dense:
         ckpt.tensors.pop(k)
-    gm = canonicalize_linears(capture(model.to(device)))  # traced on the device it will run on
-    recipe = recipe_for([module_path(n) for n in linear_nodes(gm)])
-    gm = quantize_linears(annotate_linears(gm, recipe), allocate_only=True)
+    gm = capture(model.to(device))  # traced on the device it will run on
+    recipe = recipe_for([module_path(n) for n in linear_nodes(canonicalize_linears(gm))])
+    gm = for_tensors(gm, recipe)
     for _node, plan in plans(gm):
         for name, value in fill_layer(ckpt, plan).items():
             target = f"{plan.path}.{name}"
@@ -201,7 +201,6 @@ def build_imported_graph(ckpt: ImportedCheckpoint, recipe_for, fill_layer, devic
                 raise CheckpointError(f"{ckpt.path}: {target} has shape {tuple(value.shape)}, "
                                       f"the model expects {tuple(expected.shape)}")
             set_attr_tensor(gm, target, value.to(device=expected.device, dtype=expected.dtype))
-    gm.meta["qfx"]["recipe"] = recipe.to_dict()
     leftover = [k for k in ckpt.tensors if not k.endswith(("weight_shape", "g_idx"))]
     if leftover:
         raise CheckpointError(f"{ckpt.path}: tensors the model does not use: {sorted(leftover)[:5]}")
