@@ -6,6 +6,8 @@ from qfx.api import QuantizeError, convert, needs_calibration, prepare, quantize
 from qfx.calibrate import calibrate
 from qfx.capture import CaptureError, capture, decoder_blocks
 from qfx.config import ConfigError, LayerRule, QuantSpec, Recipe
+from qfx.generate import GenerationError, GenerationOutput, Generator, generate
+from qfx.generation_graph import generation_graph
 from qfx.io import CheckpointError, export, load, load_exported, save
 from qfx.lowering import backend as _backend  # noqa: F401  (registers torch.compile backend "qfx")
 
@@ -13,6 +15,9 @@ __all__ = [
     "CaptureError",
     "CheckpointError",
     "ConfigError",
+    "GenerationError",
+    "GenerationOutput",
+    "Generator",
     "LayerRule",
     "QuantSpec",
     "QuantizeError",
@@ -22,6 +27,8 @@ __all__ = [
     "convert",
     "decoder_blocks",
     "export",
+    "generate",
+    "generation_graph",
     "load",
     "learn_rotations",
     "load_exported",

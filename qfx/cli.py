@@ -120,6 +120,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity of a model or a saved qfx folder")
     _add_common(e)
+
+    g = sub.add_parser("generate", help="generate text with a KV cache from a saved folder or a model")
+    g.add_argument("--model", default="smollm2-135m", help="a qfx folder, an imported compressed-tensors / GPTQ "
+                   "folder, or (unquantized, to compare) smollm2-135m, a HF folder, a .gguf file or a hub id")
+    g.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch of prompts)")
+    g.add_argument("--prompt-file", default=None, help="a text file whose whole content is one more prompt")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to generate per prompt")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy, default)")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens whose "
+                   "probability reaches p (1 = all)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the sampler")
+    g.add_argument("--stop", action="append", default=[], help="a string that ends generation (repeatable)")
+    g.add_argument("--max-length", type=_positive_int, default=None,
+                   help="KV-cache slots (default: longest prompt + --max-new-tokens)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype of an unquantized model")
+    g.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="compile prefill and decode with the qfx backend (auto: on CUDA)")
+    g.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+                   help="replay the compiled decode step as a CUDA graph (auto: when compiled on CUDA)")
+    g.add_argument("--json", action="store_true", help="end with one JSON line of results on stdout")
     return parser
 
 
@@ -336,6 +358,74 @@ def cmd_export(a: argparse.Namespace) -> dict:
             "seconds": round(time.time() - start, 3)}
 
 
+def cmd_generate(a: argparse.Namespace) -> dict:
+    from qfx.generate import GenerationError, Generator, encode
+    from qfx.generation_graph import generation_graph
+    from qfx.io import is_checkpoint, load
+
+    prompts = list(a.prompt)
+    if a.prompt_file:
+        try:
+            prompts.append(Path(a.prompt_file).read_text())
+        except OSError as e:
+            raise GenerationError(f"--prompt-file {a.prompt_file}: {e.strerror}") from None
+    if not prompts:
+        raise GenerationError("give a prompt: --prompt TEXT or --prompt-file FILE")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise GenerationError(f"--device {a.device}: no CUDA device here; use --device cpu")
+    if a.cuda_graphs == "on" and not a.device.startswith("cuda"):
+        raise GenerationError(f"--cuda-graphs on needs a CUDA device, not --device {a.device}")
+    folder = Path(a.model)
+    quantized = is_checkpoint(folder) or _has_quantization_config(folder)
+    if quantized:
+        from qfx.formats import load_tokenizer
+
+        model, tokenizer = load(folder, device=a.device), load_tokenizer(folder)
+        if tokenizer is None:
+            raise GenerationError(f"{a.model} holds no tokenizer files; save it with a tokenizer to generate text")
+    else:
+        from qfx.models import load_hf
+
+        model, tokenizer = load_hf(a.model, DTYPES[a.dtype], a.device)
+    rows = encode(prompts, tokenizer)
+    length = a.max_length or max(len(r) for r in rows) + a.max_new_tokens
+    with torch.no_grad():
+        graph = generation_graph(model, len(rows), length)
+    compile = {"auto": None, "on": True, "off": False}[a.compile]
+    cuda_graphs = {"auto": None, "on": True, "off": False}[a.cuda_graphs]
+    gen = Generator(graph, tokenizer, compile=compile, cuda_graphs=cuda_graphs)
+
+    def show(row: int, text: str) -> None:
+        if len(rows) == 1:
+            print(text, end="", flush=True)
+
+    out = gen.generate(rows, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed, stop=a.stop, stream=show)
+    if len(rows) == 1:
+        print(flush=True)
+    else:
+        for i, text in enumerate(out.text):
+            print(f"--- prompt {i}\n{prompts[i]}{text}", flush=True)
+    return {
+        "model": a.model,
+        "text": out.text[0] if len(rows) == 1 else out.text,
+        "prompt_tokens": out.prompt_tokens,
+        "new_tokens": out.new_tokens,
+        "prefill_seconds": round(out.prefill_seconds, 4),
+        "decode_tokens_per_s": round(out.decode_tokens_per_s, 2),
+        "peak_gpu_mb": None if out.peak_gpu_mb is None else round(out.peak_gpu_mb, 1),
+        "kv_cache_bytes": out.kv_cache_bytes,
+        "finish_reasons": out.finish_reasons,
+        "device": a.device,
+    }
+
+
+def _has_quantization_config(folder: Path) -> bool:
+    try:
+        return "quantization_config" in json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 def _print_human(result: dict) -> None:
     for k, v in result.items():
         if v is not None:
@@ -353,18 +443,20 @@ def main(argv: list[str] | None = None) -> int:
     from qfx.observers import ObserverError
 
     from qfx.formats import ExportError
+    from qfx.generate import GenerationError
+    from qfx.passes.attach_kv_cache import CacheError
 
     user_errors = (ConfigError, CaptureError, DataError, CheckpointError, ExportError, ModelError, ObserverError,
-                   QuantizeError, ValueError, FloatingPointError)
+                   QuantizeError, GenerationError, CacheError, ValueError, FloatingPointError)
     try:
-        commands = {"quantize": cmd_quantize, "eval": cmd_eval, "export": cmd_export}
+        commands = {"quantize": cmd_quantize, "eval": cmd_eval, "export": cmd_export, "generate": cmd_generate}
         result = commands[args.command](args)
     except user_errors as e:
         print(f"qfx {args.command}: error: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result))
-    else:
+    elif args.command != "generate":  # generate has printed its text
         _print_human(result)
     return 0
 
