@@ -1,21 +1,32 @@
-"""End-to-end decode speed of a random-weight Llama-3-8B-shaped model (CUDA only).
+"""End-to-end generation speed of a random-weight Llama-3-8B-shaped model (CUDA only).
 
     python benchmarks/bench_e2e.py --out benchmarks/results
 
-Variants: bf16 (Inductor), qfx W4A16 g128 asym and qfx W8A8 (quantized while compiling:
-`torch.compile(model, backend="qfx", options={"recipe": ...})`), torchao int4 weight-only
-(tinygemm). Each runs a static KV cache (transformers' StaticCache) and a compiled one-token
-decode step replayed as a CUDA graph; the prompt is filled by one eager forward (its speed is
-not measured). tokens/s = batch * steps / wall time of `steps` decode steps after warm-up.
-Prefill (`--prefill`) times one compiled forward of batch 1 x 2048 tokens. Results are written
-after every measurement (e2e.json, e2e.md), so a run cut short keeps what it measured.
+Variants:
+- `bf16`: the unquantized model through qfx's generation graph (`qfx.Generator`), compiled by
+  the qfx backend (Inductor alone, as nothing is quantized);
+- `ckpt:<recipe>`: the model quantized by `qfx.quantize` (calibration on random tokens where
+  the recipe needs it: enough for speed), saved with `qfx.save`, loaded back with
+  `qfx.load` and generated from with `qfx.Generator` (its KV cache stored as the recipe says);
+- `otf:<recipe>`: the same recipe quantized while compiling the Hugging Face model
+  (`torch.compile(model, backend="qfx", options={"recipe": ...})`) over transformers'
+  StaticCache, the path the earlier benchmark measured;
+- `torchao_int4`: torchao's int4 weight-only (tinygemm) over the StaticCache, when torchao is installed.
+Each measurement: a prompt of `--prompt` random tokens per row, `--steps` decode steps after
+a warm-up generation of the same shapes (compilation, CUDA-graph recording); tokens/s = batch
+x steps / decode time. Time to first token: one prefill of `--ttft-prompt` tokens at batch 1
+after a warm-up of the same length. Peak GPU memory is that of the measured generation,
+the KV cache's bytes beside it. Results are rewritten after every measurement (e2e.json,
+e2e.md), so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,9 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import qfx  # noqa: E402,F401  (registers the "qfx" backend)
-
-RECIPES = {"qfx_w4a16": "w4 g128 asym", "qfx_w8a8": "w8 g0 a8"}
+import qfx  # noqa: E402
 
 
 def build_model(layers: int):
@@ -40,14 +49,25 @@ def build_model(layers: int):
     return model, cfg
 
 
-def compile_step(model, variant: str):
-    if variant in RECIPES:
-        opts = {"recipe": RECIPES[variant], "triton.cudagraphs": True}
-        return lambda fn: torch.compile(fn, backend="qfx", options=opts, dynamic=False)
-    return lambda fn: torch.compile(fn, mode="reduce-overhead", dynamic=False)
+def generator_rows(gen: qfx.Generator, vocab: int, batch: int, prompt: int, steps: int, label: str) -> dict:
+    ids = torch.randint(0, vocab, (batch, prompt), generator=torch.Generator().manual_seed(1))
+    gen.generate(ids, max_new_tokens=4, eos_token_id=[])  # compile prefill and decode, record the CUDA graph
+    gen.generate(ids, max_new_tokens=4, eos_token_id=[])
+    out = gen.generate(ids, max_new_tokens=steps + 1, eos_token_id=[])
+    return {"variant": label, "batch": batch, "decode_tokens_per_s": out.decode_tokens_per_s,
+            "peak_gpu_mb": out.peak_gpu_mb, "kv_cache_mb": gen.kv_cache_bytes() / 2**20}
 
 
-def decode_tokens_per_s(model, cfg, variant: str, batch: int, prompt: int, steps: int) -> float:
+def ttft_row(gen: qfx.Generator, vocab: int, prompt: int, label: str) -> dict:
+    ids = torch.randint(0, vocab, (1, prompt), generator=torch.Generator().manual_seed(2))
+    for _ in range(2):
+        gen.generate(ids, max_new_tokens=1, eos_token_id=[])
+    out = gen.generate(ids, max_new_tokens=1, eos_token_id=[])
+    return {"variant": label, "batch": 1, "ttft_ms": out.prefill_seconds * 1e3, "prompt": prompt}
+
+
+def static_cache_tokens_per_s(model, cfg, recipe: str | None, batch: int, prompt: int, steps: int) -> float:
+    """transformers' StaticCache and a compiled one-token step (on-the-fly qfx, or torchao)."""
     from transformers import StaticCache
 
     cache = StaticCache(config=cfg, max_cache_len=prompt + steps + 8)
@@ -58,10 +78,13 @@ def decode_tokens_per_s(model, cfg, variant: str, batch: int, prompt: int, steps
         def step(tok, pos):
             return model(input_ids=tok, past_key_values=cache, cache_position=pos).logits
 
-        compiled = compile_step(model, variant)(step)
-        # the same strides as the argmax tokens fed back later: a stride change recompiles the step
+        if recipe is not None:
+            compiled = torch.compile(step, backend="qfx", options={"recipe": recipe, "triton.cudagraphs": True},
+                                     dynamic=False)
+        else:
+            compiled = torch.compile(step, mode="reduce-overhead", dynamic=False)
         tok = ids[:, -1:].clone(memory_format=torch.contiguous_format).as_strided((batch, 1), (1, 1))
-        for i in range(3):  # compile, record the CUDA graph, replay once
+        for i in range(3):
             compiled(tok, torch.tensor([prompt + i], device="cuda"))
         torch.cuda.synchronize()
         positions = [torch.tensor([prompt + 3 + i], device="cuda") for i in range(steps)]
@@ -73,71 +96,91 @@ def decode_tokens_per_s(model, cfg, variant: str, batch: int, prompt: int, steps
         return batch * steps / (time.perf_counter() - start)
 
 
-def prefill_ms(model, cfg, variant: str, tokens: int = 2048) -> float:
-    ids = torch.randint(0, cfg.vocab_size, (1, tokens), device="cuda")
-    with torch.no_grad():
-        compiled = compile_step(model, variant)(lambda x: model(input_ids=x, use_cache=False).logits)
-        for _ in range(3):
-            compiled(ids)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(5):
-            compiled(ids)
-        torch.cuda.synchronize()
-        return (time.perf_counter() - start) / 5 * 1e3
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--variants", default="bf16,qfx_w4a16,qfx_w8a8,torchao_int4")
-    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--variants", default="bf16,ckpt:gptq w4 g128 asym,otf:w4 g128 asym")
+    ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--steps", type=int, default=64)
-    ap.add_argument("--prefill", action="store_true")
+    ap.add_argument("--ttft-prompt", type=int, default=2048)
+    ap.add_argument("--calib", default="4x512", help="random calibration tokens, SAMPLESxLEN")
+    ap.add_argument("--ckpt-dir", default="/tmp/qfx-e2e")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("bench_e2e.py measures CUDA decode speed; no CUDA device here")
+        raise SystemExit("bench_e2e.py measures CUDA generation speed; no CUDA device here")
     import transformers
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-            "command": "python " + " ".join(sys.argv), "layers": args.layers, "prompt": args.prompt,
-            "steps": args.steps}
+            "command": "python benchmarks/bench_e2e.py " + " ".join(sys.argv[1:]), "layers": args.layers,
+            "prompt": args.prompt, "steps": args.steps}
     rows: list[dict] = []
 
-    def save():
+    def record(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
         (out / "e2e.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        lines = [f"# End-to-end decode, Llama-3-8B-shaped random weights ({args.layers} layers)", "",
+        lines = [f"# End-to-end generation, Llama-3-8B-shaped random weights ({args.layers} layers)", "",
                  f"{meta['date']}, {meta['device']}, torch {torch.__version__}, transformers {transformers.__version__}.",
-                 f"Command: `{meta['command']}`", "", "| variant | measure | value |", "|---|---|---|"]
-        lines += [f"| {r['variant']} | {r['measure']} | {r['value']:.1f} |" for r in rows]
+                 f"Command: `{meta['command']}`", "",
+                 f"Decode: prompt {args.prompt} tokens per row, {args.steps} steps after a warm-up.", "",
+                 "| variant | batch | decode tokens/s | TTFT ms | peak GPU MiB | KV cache MiB |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            cell = lambda k, f: format(r[k], f) if r.get(k) is not None else ""  # noqa: E731
+            lines.append(f"| {r['variant']} | {r['batch']} | {cell('decode_tokens_per_s', '.1f')} | "
+                         f"{cell('ttft_ms', '.1f')} | {cell('peak_gpu_mb', '.0f')} | {cell('kv_cache_mb', '.0f')} |")
         (out / "e2e.md").write_text("\n".join(lines) + "\n")
 
+    batches = [int(b) for b in args.batches.split(",")]
     model, cfg = build_model(args.layers)
+    n, s = (int(x) for x in args.calib.split("x"))
+    calib = torch.randint(0, cfg.vocab_size, (n, s), generator=torch.Generator().manual_seed(0)).split(2)
+    length = args.prompt + args.steps + 8
     variants = args.variants.split(",")
-    # torchao's quantize_ replaces the model's linears in place: every other variant runs first
-    variants.sort(key=lambda v: v == "torchao_int4")
+    variants.sort(key=lambda v: v == "torchao_int4")  # torchao rewrites the model in place: last
     for variant in variants:
-        if variant == "torchao_int4":
-            from torchao.quantization import Int4WeightOnlyConfig, quantize_
+        torch._dynamo.reset()
+        kind, _, recipe = variant.partition(":")
+        if kind in ("otf", "torchao_int4"):
+            if kind == "torchao_int4":
+                from torchao.quantization import Int4WeightOnlyConfig, quantize_
 
-            quantize_(model, Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"),
-                      filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn != "lm_head")
-        for batch in [int(b) for b in args.batches.split(",")]:
-            torch._dynamo.reset()
-            tps = decode_tokens_per_s(model, cfg, variant, batch, args.prompt, args.steps)
-            rows.append({"variant": variant, "measure": f"decode tokens/s, batch {batch}", "value": tps})
-            print(json.dumps(rows[-1]), flush=True)
-            save()
-        if args.prefill:
-            torch._dynamo.reset()
-            rows.append({"variant": variant, "measure": "prefill ms, 1 x 2048", "value": prefill_ms(model, cfg, variant)})
-            print(json.dumps(rows[-1]), flush=True)
-            save()
+                quantize_(model, Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"),
+                          filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn != "lm_head")
+            for b in batches:
+                torch._dynamo.reset()
+                tps = static_cache_tokens_per_s(model, cfg, recipe or None, b, args.prompt, args.steps)
+                record({"variant": variant, "batch": b, "decode_tokens_per_s": tps})
+            continue
+        if kind == "bf16":
+            source = model
+        else:  # quantize, save, free, load back
+            start = time.time()
+            qmodel = qfx.quantize(model, recipe, calib=calib, progress=False, device="cuda")
+            path = Path(args.ckpt_dir) / recipe.replace(" ", "_")
+            qfx.save(qmodel, path, overwrite=True)
+            del qmodel
+            gc.collect()
+            torch.cuda.empty_cache()
+            source = qfx.load(path, device="cuda")
+            print(f"{variant}: quantized, saved, loaded in {time.time() - start:.0f} s", flush=True)
+        gen = qfx.Generator.from_model(source, max_batch=max(batches), max_length=length)
+        for b in batches:
+            record(generator_rows(gen, cfg.vocab_size, b, args.prompt, args.steps, variant))
+        del gen
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch._dynamo.reset()
+        gen = qfx.Generator.from_model(source, max_batch=1, max_length=args.ttft_prompt + 8)
+        record(ttft_row(gen, cfg.vocab_size, args.ttft_prompt, variant))
+        del gen, source
+        gc.collect()
+        torch.cuda.empty_cache()
+        shutil.rmtree(args.ckpt_dir, ignore_errors=True)
     return 0
 
 

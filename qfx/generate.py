@@ -21,6 +21,9 @@ import torch
 from torch.fx import GraphModule
 
 
+SYNC_EVERY = 16  # decode steps between reads of the new tokens when nothing is streamed
+
+
 class GenerationError(ValueError):
     """A prompt, setting or model that generation cannot take; the message says which."""
 
@@ -170,25 +173,26 @@ class Generator:
             token = sampling.pick(logits, generator)
             prefill_seconds = self._sync(time.perf_counter()) - start
             start, steps = time.perf_counter(), 0
-            pos = positions[:, -1:]
+            pos, slot = positions[:, -1:], torch.tensor([p], device=dev)
+            # tokens are read back to the host every `every` steps (each read waits for the GPU):
+            # at every step only when text must be streamed or checked for stop strings
+            every = 1 if (stop or stream) else SYNC_EVERY
+            pending = [token]
             for t in range(max_new_tokens):
-                done_before = [r != "length" for r in reasons]
-                for i, tok in enumerate(token.tolist()):
-                    if done_before[i]:
-                        continue
-                    if tok in eos:
-                        reasons[i] = "eos"
-                        continue
-                    new[i].append(tok)
-                    if self.tokenizer is not None and (stop or stream):
-                        self._emit(i, new[i], texts, shown, stop, reasons, stream)
-                if all(r != "length" for r in reasons) or t == max_new_tokens - 1:
+                last = t == max_new_tokens - 1
+                if len(pending) == every or last:
+                    self._take(torch.stack(pending, 1).tolist(), new, eos, reasons, texts, shown, stop, stream)
+                    pending = []
+                    if all(r != "length" for r in reasons):
+                        break
+                if last:
                     break
-                slot = p + t
-                mask[:, slot] = True
+                mask[:, p + t] = True
                 pos = pos + 1
-                logits = self._decode(token.view(b, 1).contiguous(), pos, torch.tensor([slot], device=dev), mask)
+                logits = self._decode(token.view(b, 1).contiguous(), pos, slot, mask)
+                slot = slot + 1
                 token = sampling.pick(logits[:, -1], generator)
+                pending.append(token)
                 steps += 1
             decode_seconds = self._sync(time.perf_counter()) - start
         text = None
@@ -204,6 +208,19 @@ class Generator:
             decode_tokens_per_s=b * steps / decode_seconds if steps and decode_seconds > 0 else 0.0,
             kv_cache_bytes=self.kv_cache_bytes(),
             peak_gpu_mb=torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else None, finish_reasons=reasons)
+
+    def _take(self, chunk: list[list[int]], new, eos, reasons, texts, shown, stop, stream) -> None:
+        """Append each row's tokens (B lists of k) up to its EOS or stop string."""
+        for i, row in enumerate(chunk):
+            for tok in row:
+                if reasons[i] != "length":
+                    break
+                if tok in eos:
+                    reasons[i] = "eos"
+                    break
+                new[i].append(tok)
+                if self.tokenizer is not None and (stop or stream):
+                    self._emit(i, new[i], texts, shown, stop, reasons, stream)
 
     def _eos(self, eos_token_id) -> set[int]:
         if eos_token_id is None and self.tokenizer is not None:
