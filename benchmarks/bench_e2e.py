@@ -96,10 +96,30 @@ def static_cache_tokens_per_s(model, cfg, recipe: str | None, batch: int, prompt
         return batch * steps / (time.perf_counter() - start)
 
 
+def write_results(out: Path, meta: dict, rows: list[dict]) -> None:
+    """Rewrite e2e.json and e2e.md from the run's metadata and rows."""
+    (out / "e2e.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
+    lines = [f"# End-to-end generation, Llama-3-8B-shaped random weights ({meta['layers']} layers)", "",
+             f"{meta['date']}, {meta['device']}, {versions}.", "",
+             "Commands (in order; a later one replaces the rows of the variants it names):", "",
+             *[f"    {c}" for c in meta["commands"]], "",
+             f"Decode: prompt {meta['prompt']} tokens per row, {meta['steps']} steps after a warm-up; "
+             "TTFT: one prefill at batch 1.", "",
+             *[f"- {n}" for n in meta.get("notes", [])], "",
+             "| variant | batch | decode tokens/s | TTFT ms | peak GPU MiB | KV cache MiB |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        cell = lambda k, f: format(r[k], f) if r.get(k) is not None else ""  # noqa: E731
+        lines.append(f"| {r['variant']} | {r['batch']} | {cell('decode_tokens_per_s', '.1f')} | "
+                     f"{cell('ttft_ms', '.1f')} | {cell('peak_gpu_mb', '.0f')} | {cell('kv_cache_mb', '.0f')} |")
+    (out / "e2e.md").write_text("\n".join(lines) + "\n")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--variants", default="bf16,ckpt:gptq w4 g128 asym,otf:w4 g128 asym")
+    ap.add_argument("--variants", default="bf16;ckpt:gptq w4 g128 asym;otf:w4 g128 asym",
+                    help="separated by ';' (recipes may hold commas)")
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=512)
@@ -107,6 +127,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ttft-prompt", type=int, default=2048)
     ap.add_argument("--calib", default="4x512", help="random calibration tokens, SAMPLESxLEN")
     ap.add_argument("--ckpt-dir", default="/tmp/qfx-e2e")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows of the existing e2e.json (a run split over several processes); "
+                         "rows of the variants measured now are replaced")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_e2e.py measures CUDA generation speed; no CUDA device here")
@@ -116,31 +139,26 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-            "command": "python benchmarks/bench_e2e.py " + " ".join(sys.argv[1:]), "layers": args.layers,
-            "prompt": args.prompt, "steps": args.steps}
+            "commands": ["python benchmarks/bench_e2e.py " + " ".join(repr(a) if " " in a else a for a in sys.argv[1:])],
+            "layers": args.layers, "prompt": args.prompt, "steps": args.steps}
     rows: list[dict] = []
+    variants = args.variants.split(";")
+    if args.append and (out / "e2e.json").exists():
+        before = json.loads((out / "e2e.json").read_text())
+        meta["commands"] = before["meta"]["commands"] + meta["commands"]
+        meta["notes"] = before["meta"].get("notes", [])
+        rows = [r for r in before["rows"] if r["variant"] not in variants]
 
     def record(row):
         rows.append(row)
         print(json.dumps(row), flush=True)
-        (out / "e2e.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        lines = [f"# End-to-end generation, Llama-3-8B-shaped random weights ({args.layers} layers)", "",
-                 f"{meta['date']}, {meta['device']}, torch {torch.__version__}, transformers {transformers.__version__}.",
-                 f"Command: `{meta['command']}`", "",
-                 f"Decode: prompt {args.prompt} tokens per row, {args.steps} steps after a warm-up.", "",
-                 "| variant | batch | decode tokens/s | TTFT ms | peak GPU MiB | KV cache MiB |", "|---|---|---|---|---|---|"]
-        for r in rows:
-            cell = lambda k, f: format(r[k], f) if r.get(k) is not None else ""  # noqa: E731
-            lines.append(f"| {r['variant']} | {r['batch']} | {cell('decode_tokens_per_s', '.1f')} | "
-                         f"{cell('ttft_ms', '.1f')} | {cell('peak_gpu_mb', '.0f')} | {cell('kv_cache_mb', '.0f')} |")
-        (out / "e2e.md").write_text("\n".join(lines) + "\n")
+        write_results(out, meta, rows)
 
     batches = [int(b) for b in args.batches.split(",")]
     model, cfg = build_model(args.layers)
     n, s = (int(x) for x in args.calib.split("x"))
     calib = torch.randint(0, cfg.vocab_size, (n, s), generator=torch.Generator().manual_seed(0)).split(2)
     length = args.prompt + args.steps + 8
-    variants = args.variants.split(",")
     variants.sort(key=lambda v: v == "torchao_int4")  # torchao rewrites the model in place: last
     for variant in variants:
         torch._dynamo.reset()
