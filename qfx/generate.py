@@ -251,7 +251,7 @@ class Generator:
 
 
 def encode(prompts, tokenizer=None) -> list[list[int]]:
-    """Prompts (a string, strings, token ids (S,) / (B, S), or lists of ids) -> lists of ids."""
+    """Prompts (a string, strings, token ids (S,) / (B, S), a list of ids, or lists of ids) -> lists of ids."""
     if isinstance(prompts, torch.Tensor):
         rows = [prompts.tolist()] if prompts.ndim == 1 else prompts.tolist()
     elif isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], str)):
@@ -259,6 +259,8 @@ def encode(prompts, tokenizer=None) -> list[list[int]]:
             raise GenerationError("text prompts need a tokenizer: pass tokenizer=, or token ids")
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
         rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    elif isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int):
+        rows = [list(prompts)]  # one prompt's ids
     else:
         rows = [list(map(int, r)) for r in prompts]
     if not rows or any(len(r) == 0 for r in rows):
