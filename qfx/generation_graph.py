@@ -32,13 +32,23 @@ def generation_graph(model: torch.nn.Module, max_batch: int, length: int) -> Gra
     if max_batch < 1 or length < 1:
         raise CacheError(f"the KV cache needs at least one row and one slot (max_batch={max_batch}, length={length})")
     if isinstance(model, GraphModule):
-        return attach_kv_cache(_recaptured(model), max_batch, length)
+        return attach_kv_cache(_recaptured(model, length), max_batch, length)
     if not is_hf_causal_lm(model):
         raise CacheError(f"{type(model).__name__} is neither a qfx model nor a Hugging Face causal LM")
+    _check_window(model.config, length)
     return attach_kv_cache(capture_for_cache(model), max_batch, length)
 
 
-def _recaptured(qmodel: GraphModule) -> GraphModule:
+def _check_window(config, length: int) -> None:
+    """The cache attends over every earlier slot: refuse lengths past a sliding window, where
+    the model would attend over fewer."""
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and length > window:
+        raise CacheError(f"{config.model_type} attends over a sliding window of {window} tokens, which the cached "
+                         f"graph does not apply: use a max length of at most {window} (asked {length})")
+
+
+def _recaptured(qmodel: GraphModule, length: int) -> GraphModule:
     from qfx.io import copy_tensors, empty_model
     from qfx.pipeline import for_tensors
 
@@ -48,7 +58,9 @@ def _recaptured(qmodel: GraphModule) -> GraphModule:
         raise CacheError("generation needs a model quantized from a Hugging Face causal LM "
                          "(qfx.quantize, qfx.convert or qfx.load); this graph has no such source")
     device = next((t.device for t in [*qmodel.parameters(), *qmodel.buffers()]), torch.device("cpu"))
-    gm = for_tensors(capture_for_cache(empty_model(source, device)), Recipe.from_dict(info["recipe"]))
+    model = empty_model(source, device)
+    _check_window(model.config, length)
+    gm = for_tensors(capture_for_cache(model), Recipe.from_dict(info["recipe"]))
     copy_tensors(qmodel, gm, "the quantized model")
     gm.meta["qfx"]["recipe"] = info["recipe"]
     return gm

@@ -123,6 +123,8 @@ def test_refusals_name_the_problem():
         generation_graph(torch.nn.Linear(4, 4), 1, 8)
     with pytest.raises(CacheError, match="at least one row"):
         generation_graph(tiny_model("llama"), 0, 8)
+    with pytest.raises(CacheError, match="sliding window of 8 tokens"):
+        generation_graph(tiny_model("mistral", sliding_window=8), 1, 12)
     eager = tiny_model("llama", attn_implementation="eager")
     eager.config._attn_implementation = "eager"
     with pytest.raises(CacheError, match="scaled_dot_product_attention"):
