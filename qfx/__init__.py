@@ -1,5 +1,7 @@
 """qfx: post-training quantization of causal language models as torch.fx graph passes."""
 
+from importlib.metadata import PackageNotFoundError, version as _version
+
 from qfx import ops as _ops  # noqa: F401  (registers the qfx:: custom ops)
 from qfx.algorithms.spinquant import learn_rotations
 from qfx.api import QuantizeError, convert, needs_calibration, prepare, quantize
@@ -10,6 +12,11 @@ from qfx.generate import GenerationError, GenerationOutput, Generator, generate
 from qfx.generation_graph import generation_graph
 from qfx.io import CheckpointError, export, load, load_exported, save
 from qfx.lowering import backend as _backend  # noqa: F401  (registers torch.compile backend "qfx")
+
+try:
+    __version__ = _version("qfx")
+except PackageNotFoundError:  # run from a source tree that was not installed
+    __version__ = "unknown"
 
 __all__ = [
     "CaptureError",

@@ -13,20 +13,23 @@ import json
 import resource
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+HELP = argparse.ArgumentDefaultsHelpFormatter  # every option's default shown in --help
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, calib: bool) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help="smollm2-135m (default, embedded), a local HF folder, a .gguf file, a hub id, or a qfx folder")
     p.add_argument("--eval", dest="eval_source", default=None,
                    help="evaluation text: a .txt/.json/.jsonl path, wiki-summaries, or hf:NAME[:CONFIG[:SPLIT]]")
-    p.add_argument("--eval-windows", type=int, default=None, help="number of windows to evaluate (default: all)")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per evaluation window and calibration sample")
+    p.add_argument("--eval-windows", type=_positive_int, default=None, help="number of windows to evaluate (default: all)")
+    p.add_argument("--seq-len", type=_positive_int, default=2048, help="tokens per evaluation window"
+                   + (" and calibration sample" if calib else ""))
     p.add_argument("--batch-size", type=_positive_int, default=1, help="windows per forward pass")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype the model runs in")
@@ -35,60 +38,96 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from qfx import __version__
+
     parser = argparse.ArgumentParser(prog="qfx", description="Post-training quantization of causal LMs.")
+    parser.add_argument("--version", action="version", version=f"qfx {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    q = sub.add_parser("quantize", help="quantize a model, optionally evaluate and save it")
-    _add_common(q)
+    q = sub.add_parser("quantize", help="quantize a model, optionally evaluate and save it", formatter_class=HELP)
+    _add_common(q, calib=True)
     q.add_argument("--method", default="rtn", help="comma-separated pipeline, left to right: rtn, gptq, gptaq, "
-                   "awq, awq+, smoothquant, quarot (e.g. smoothquant,gptq or quarot,gptq)")
-    q.add_argument("--w-bits", type=int, default=4, help="weight bits, 2..8; 16 = not quantized")
+                   "awq, awq+, smoothquant, quarot, spinquant (e.g. smoothquant,gptq, quarot,gptq or spinquant,gptq)")
+    q.add_argument("--w-bits", type=_positive_int, default=4, help="weight bits, 2..8; 16 = not quantized")
     q.add_argument("--w-group", type=int, default=128, help="weight group size; 0 or -1 = per channel")
     sym = q.add_mutually_exclusive_group()
     sym.add_argument("--w-sym", dest="w_sym", action="store_true", default=True, help="symmetric weights (default)")
     sym.add_argument("--w-asym", dest="w_sym", action="store_false", help="asymmetric weights (zero points)")
-    q.add_argument("--w-clip", type=float, default=1.0, help="weight clip ratio in (0, 1]")
+    q.add_argument("--w-clip", type=_positive_float, default=1.0, help="weight clip ratio in (0, 1]")
     q.add_argument("--w-scale-dtype", choices=["float32", "model"], default="float32",
                    help="weight scales kept in float32, or rounded to the model dtype (exact in serving engines)")
-    q.add_argument("--a-bits", type=int, default=16, help="activation bits (symmetric); 16 = not quantized")
-    q.add_argument("--a-clip", type=float, default=1.0, help="activation clip ratio in (0, 1]: each token's "
+    q.add_argument("--a-bits", type=_positive_int, default=16, help="activation bits (symmetric); 16 = not quantized")
+    q.add_argument("--a-clip", type=_positive_float, default=1.0, help="activation clip ratio in (0, 1]: each token's "
                    "range is this times its max |x| (QuaRot uses 0.9 at 4 bits)")
     q.add_argument("--a-static", action="store_true", help="static per-tensor activation scales from calibration "
                    "(default: dynamic per-token)")
     q.add_argument("--fp8", action="store_true", help="fp8 e4m3 weights (per channel) and activations (per token)")
     q.add_argument("--rule", action="append", default=[], metavar="REGEX=SPEC",
                    help="per-layer override, e.g. down_proj=w8, lm_head=w8, 'layers\\.0\\.'=skip (repeatable)")
-    q.add_argument("--damp", type=float, default=0.01, help="GPTQ damping (fraction of the mean Hessian diagonal)")
+    q.add_argument("--damp", type=_positive_float, default=0.01, help="GPTQ damping (fraction of the mean Hessian diagonal)")
     q.add_argument("--no-act-order", dest="act_order", action="store_false",
                    help="GPTQ: visit columns left to right (default: by decreasing Hessian diagonal)")
     q.add_argument("--no-range-search", dest="range_search", action="store_false",
                    help="GPTQ: min-max group ranges (default: each row's range shrunk where that lowers the "
                    "Hessian-weighted rounding error)")
-    q.add_argument("--sink-weight", type=float, default=16.0,
+    q.add_argument("--sink-weight", type=_positive_float, default=16.0,
                    help="GPTQ/GPTAQ: weight of each calibration window's first token in the Hessian (1 = plain mean)")
     q.add_argument("--sq-alpha", default="0.5", help="SmoothQuant migration strength in [0, 1], or 'search'")
-    q.add_argument("--gptaq-alpha", type=float, default=0.25, help="GPTAQ: weight of the correction towards "
+    q.add_argument("--gptaq-alpha", type=_non_negative_float, default=0.25, help="GPTAQ: weight of the correction towards "
                    "the full-precision outputs (0 = GPTQ)")
     q.add_argument("--search-samples", type=_positive_int, default=16, help="AWQ: calibration samples its scale search runs on")
-    q.add_argument("--kv-bits", type=int, default=16, help="KV-cache bits (asymmetric, per token and head); "
+    q.add_argument("--kv-bits", type=_positive_int, default=16, help="KV-cache bits (asymmetric, per token and head); "
                    "16 = not quantized")
-    q.add_argument("--kv-group", type=int, default=0, help="KV cache: group size along the head dim (0 = whole head)")
-    q.add_argument("--rotation-seed", type=int, default=0, help="quarot: seed of the random Hadamard rotations")
+    q.add_argument("--kv-group", type=_non_negative_int, default=0, help="KV cache: group size along the head dim (0 = whole head)")
+    q.add_argument("--rotation-seed", type=_non_negative_int, default=0, help="quarot: seed of the random Hadamard rotations")
     q.add_argument("--rotation-path", default=None, help="quarot: a safetensors file of rotations to use instead "
                    "(R1, R2.<o_proj path>)")
     q.add_argument("--rotation-out", default=None, help="spinquant: write the learned rotations to this "
                    "safetensors file (reuse them with --rotation-path)")
-    q.add_argument("--spin-steps", type=int, default=100, help="spinquant: Cayley SGD steps")
-    q.add_argument("--spin-batch", type=int, default=1, help="spinquant: calibration samples whose gradients each "
+    q.add_argument("--spin-steps", type=_positive_int, default=100, help="spinquant: Cayley SGD steps")
+    q.add_argument("--spin-batch", type=_positive_int, default=1, help="spinquant: calibration samples whose gradients each "
                    "step averages")
-    q.add_argument("--spin-lr", type=float, default=1.5, help="spinquant: Cayley SGD step size")
+    q.add_argument("--spin-lr", type=_positive_float, default=1.5, help="spinquant: Cayley SGD step size")
     q.add_argument("--spin-schedule", choices=("constant", "linear"), default="constant",
                    help="spinquant: keep the step size, or decay it linearly towards 0")
     q.add_argument("--spin-weights", choices=("auto", "rtn", "float"), default="auto",
@@ -104,34 +143,35 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-samples", type=_positive_int, default=128, help="calibration samples of --seq-len tokens")
     q.add_argument("--calib-batch-size", type=_positive_int, default=8, help="calibration samples per pass through a "
                    "block (more is faster and needs more memory for activations)")
-    q.add_argument("--seed", type=int, default=0, help="seed for drawing calibration samples")
+    q.add_argument("--seed", type=_non_negative_int, default=0, help="seed for drawing calibration samples")
     q.add_argument("--no-fp-eval", action="store_true", help="skip evaluating the full-precision model")
     q.add_argument("--output", default=None, help="folder to save the quantized model to (written atomically)")
     q.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     q.add_argument("--report", default=None, metavar="DIR",
                    help="write a per-layer error / outlier report (Markdown, JSON, PNG) on the calibration text")
 
-    x = sub.add_parser("export", help="convert a saved qfx folder to a format other tools load")
+    x = sub.add_parser("export", help="convert a saved qfx folder to a format other tools load", formatter_class=HELP)
     x.add_argument("checkpoint", help="a folder written by qfx quantize --output")
     x.add_argument("--format", required=True, choices=["compressed-tensors", "gptq", "pt2"],
                    help="compressed-tensors / gptq: Hugging Face folders for vLLM and transformers; pt2: torch.export")
     x.add_argument("--output", required=True, help="folder (or .pt2 file) to write; must not exist")
     x.add_argument("--json", action="store_true", help="end with one JSON line of results on stdout")
 
-    e = sub.add_parser("eval", help="perplexity of a model or a saved qfx folder")
-    _add_common(e)
+    e = sub.add_parser("eval", help="perplexity of a model or a saved qfx folder", formatter_class=HELP)
+    _add_common(e, calib=False)
 
-    g = sub.add_parser("generate", help="generate text with a KV cache from a saved folder or a model")
+    g = sub.add_parser("generate", help="generate text with a KV cache from a saved folder or a model",
+                       formatter_class=HELP)
     g.add_argument("--model", default="smollm2-135m", help="a qfx folder, an imported compressed-tensors / GPTQ "
                    "folder, or (unquantized, to compare) smollm2-135m, a HF folder, a .gguf file or a hub id")
     g.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch of prompts)")
     g.add_argument("--prompt-file", default=None, help="a text file whose whole content is one more prompt")
     g.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to generate per prompt")
-    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy, default)")
-    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
-    g.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens whose "
+    g.add_argument("--temperature", type=_non_negative_float, default=0.0, help="sampling temperature (0 = greedy, default)")
+    g.add_argument("--top-k", type=_non_negative_int, default=0, help="sample from the k most likely tokens (0 = all)")
+    g.add_argument("--top-p", type=_positive_float, default=1.0, help="sample from the smallest set of tokens whose "
                    "probability reaches p (1 = all)")
-    g.add_argument("--seed", type=int, default=None, help="seed of the sampler")
+    g.add_argument("--seed", type=_non_negative_int, default=None, help="seed of the sampler")
     g.add_argument("--stop", action="append", default=[], help="a string that ends generation (repeatable)")
     g.add_argument("--max-length", type=_positive_int, default=None,
                    help="KV-cache slots (default: longest prompt + --max-new-tokens)")
@@ -234,7 +274,7 @@ def cmd_quantize(a: argparse.Namespace) -> dict:
     if a.output and Path(a.output).exists() and not a.overwrite:
         raise CheckpointError(f"--output {a.output} exists; pass --overwrite or choose another folder")
     home = "cpu" if a.offload else a.device  # where the model lives until it is quantized
-    model, tokenizer = load_hf(a.model, DTYPES[a.dtype], home)
+    model, tokenizer = load_hf(a.model, DTYPES[a.dtype], home, progress=not a.quiet)
     windows = _windows(a, tokenizer)
     progress = not a.quiet
     ppl_fp = None
@@ -328,7 +368,7 @@ def cmd_eval(a: argparse.Namespace) -> dict:
             raise ValueError(f"{a.model} holds no tokenizer files; it was saved without a tokenizer") from None
         method = ",".join(recipe["methods"])
     else:
-        hf, tokenizer = load_hf(a.model, DTYPES[a.dtype], a.device)
+        hf, tokenizer = load_hf(a.model, DTYPES[a.dtype], a.device, progress=not a.quiet)
         model, method = _LogitsOf(hf), "fp"
     windows = _windows(a, tokenizer)
     ppl = perplexity(model, windows, a.batch_size, a.device, not a.quiet, "eval")
@@ -351,7 +391,11 @@ def cmd_export(a: argparse.Namespace) -> dict:
     if Path(a.output).exists():
         raise CheckpointError(f"--output {a.output} exists; choose a new path")
     qmodel = load(a.checkpoint)
-    export(qmodel, a.output, format=a.format, tokenizer=load_tokenizer(a.checkpoint))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export(qmodel, a.output, format=a.format, tokenizer=load_tokenizer(a.checkpoint))
+    for w in caught:  # one line each, without the source location
+        print(f"qfx export: warning: {w.message}", file=sys.stderr)
     out = Path(a.output)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else out.stat().st_size
     return {"checkpoint": a.checkpoint, "format": a.format, "output": a.output, "bytes": size,
@@ -368,7 +412,7 @@ def cmd_generate(a: argparse.Namespace) -> dict:
         try:
             prompts.append(Path(a.prompt_file).read_text())
         except OSError as e:
-            raise GenerationError(f"--prompt-file {a.prompt_file}: {e.strerror}") from None
+            raise GenerationError(f"--prompt-file {a.prompt_file}: {e.strerror.lower()}") from None
     if not prompts:
         raise GenerationError("give a prompt: --prompt TEXT or --prompt-file FILE")
     if a.device.startswith("cuda") and not torch.cuda.is_available():
@@ -429,11 +473,43 @@ def _has_quantization_config(folder: Path) -> bool:
 def _print_human(result: dict) -> None:
     for k, v in result.items():
         if v is not None:
-            print(f"{k:>18}: {v:.4f}" if isinstance(v, float) else f"{k:>18}: {v}")
+            digits = 4 if k.startswith("ppl") else 2  # perplexities to 4 decimals; seconds, MB to 2
+            print(f"{k:>18}: {v:.{digits}f}" if isinstance(v, float) else f"{k:>18}: {v}")
+
+
+def _quiet_third_party(progress: bool) -> None:
+    """Warnings that are not about the user's input (an optional library's extensions, a torch
+    deprecation that library triggers) and, when asked, transformers' own progress bars."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if not progress:
+        hf_logging.disable_progress_bar()
+
+
+def _check_inputs(a: argparse.Namespace) -> None:
+    """What can be checked before a model is loaded: paths of text sources and models."""
+    from qfx.data import check_source
+    from qfx.io import is_checkpoint
+    from qfx.models import check_model_name
+
+    for option, source in (("--eval", getattr(a, "eval_source", None)), ("--calib", getattr(a, "calib", None))):
+        if source is not None:
+            check_source(source)
+    if getattr(a, "prompt_file", None) and not Path(a.prompt_file).is_file():
+        raise FileNotFoundError(f"--prompt-file {a.prompt_file}: no such file")
+    model = getattr(a, "model", None)
+    if model is not None and not is_checkpoint(model):
+        check_model_name(model)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_third_party(progress=not getattr(args, "quiet", False))
     from qfx.api import QuantizeError
     from qfx.capture import CaptureError
     from qfx.config import ConfigError
@@ -447,8 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     from qfx.passes.attach_kv_cache import CacheError
 
     user_errors = (ConfigError, CaptureError, DataError, CheckpointError, ExportError, ModelError, ObserverError,
-                   QuantizeError, GenerationError, CacheError, ValueError, FloatingPointError)
+                   QuantizeError, GenerationError, CacheError, ValueError, FloatingPointError, FileNotFoundError)
     try:
+        _check_inputs(args)
         commands = {"quantize": cmd_quantize, "eval": cmd_eval, "export": cmd_export, "generate": cmd_generate}
         result = commands[args.command](args)
     except user_errors as e:

@@ -25,15 +25,22 @@ class DataError(ValueError):
     """A text source that cannot be read or is too short for what was asked."""
 
 
+def check_source(source: str) -> None:
+    """Fail now, before any model is loaded, on a text source that names no file."""
+    if source == "wiki-summaries" or source.startswith("hf:"):
+        return
+    if not Path(os.path.expanduser(source)).is_file():
+        raise DataError(f"text source {source!r}: no such file (or use wiki-summaries, or hf:NAME for a datasets name)")
+
+
 def read_text(source: str) -> str:
     """The text of `source` (see the module docstring for the forms it takes)."""
     if source == "wiki-summaries":
         return _wiki_summaries()
     if source.startswith("hf:"):
         return _hf_dataset(source[3:])
+    check_source(source)
     path = Path(os.path.expanduser(source))
-    if not path.is_file():
-        raise DataError(f"text source {source!r}: no such file (or use wiki-summaries, or hf:NAME for a datasets name)")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         texts = []
@@ -94,6 +101,8 @@ def eval_windows(tokens: torch.Tensor, seq_len: int, n_windows: int | None = Non
     """Non-overlapping windows from the start of `tokens`: (W, seq_len). None = all that fit."""
     if seq_len < 2:
         raise DataError(f"seq_len={seq_len}: a window needs at least 2 tokens")
+    if n_windows is not None and n_windows < 1:
+        raise DataError(f"asked for {n_windows} windows: give at least 1 (or leave the count out for all)")
     available = tokens.numel() // seq_len
     if available == 0:
         raise DataError(f"evaluation text has {tokens.numel()} tokens, shorter than one window of {seq_len}")

@@ -76,7 +76,7 @@ def test_eval_text_shorter_than_a_window_leaves_no_output(capsys, tmp_path, tiny
 
 def test_missing_and_corrupt_checkpoints(capsys, tmp_path):
     code, _, err = _run(capsys, "eval", "--model", tmp_path / "nope", "--eval", WIKITEXT, "--quiet")
-    assert code == 2 and "cannot load model" in err
+    assert code == 2 and "no such folder or file" in err
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "qfx.json").write_text("{")

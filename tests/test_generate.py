@@ -150,7 +150,7 @@ def test_cli_generates_from_an_unquantized_folder(capsys, tiny_hf_dir):
     (["--cuda-graphs", "on"], "--cuda-graphs on needs a CUDA device"),
     (["--prompt-file", "/no/such/prompt.txt"], "--prompt-file /no/such/prompt.txt"),
     (["--max-length", 3], "exceed the cache's 3 slots"),
-    (["--temperature", -0.5], "temperature -0.5"),
+    (["--temperature", -0.5], "--temperature: must be a number >= 0, got -0.5"),
 ])
 def test_cli_bad_input_one_line_exit_2(capsys, checkpoint, args, message):
     code, out, err = _run(capsys, "generate", "--model", checkpoint, "--prompt", "Hello", *args)

@@ -136,6 +136,11 @@ def export_compressed_tensors(qmodel: GraphModule, path, tokenizer=None) -> None
         })
         group["targets"].append(layer.path)
         tensors.update(layer_tensors(layer, dtype))
+    asymmetric = [k for k in groups if k[0] == "pack-quantized" and not k[1].symmetric]
+    if asymmetric:
+        warnings.warn("asymmetric int weights are written as pack-quantized with packed zero points: vLLM loads "
+                      "them, transformers (through compressed-tensors) does not yet (it sizes the packed zero points "
+                      "as unpacked); quantize with symmetric weights for a folder both load", stacklevel=2)
     formats = {k[0] for k in groups}
     quant_config = {
         "quant_method": "compressed-tensors",
