@@ -8,6 +8,7 @@ holding it trace, compile and export.
 from __future__ import annotations
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from qfx import primitives as P
 
@@ -69,12 +70,70 @@ def fake_quantize_activation(x: torch.Tensor, a_bits: int, a_scale: torch.Tensor
     return P.quantize_per_tensor_static(x, a_scale.float(), a_bits).float() * a_scale.float()
 
 
+# CPU weights dequantized once per stored weight: qweight -> (key, weight). Entries go with
+# their qweight; other scales or zero points, or an in-place change to any of the three,
+# make the entry stale.
+_DEQUANTIZED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# Signed int8 codes (K, N) of symmetric per-channel CPU weights: qweight -> (version, codes).
+_DEQUANTIZED_INT: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _weight(qweight, w_scale, w_zero, w_bits, group_size, in_features, dtype) -> torch.Tensor:
+    """dequantize_packed(...).to(dtype), cached for CPU tensors outside tracing and autograd.
+
+    Unpacking costs more than the matmul on the CPU, and the stored tensors of a converted
+    model do not change between calls, so eager CPU evaluation reuses the float weight.
+    """
+    cacheable = (qweight.device.type == "cpu" and not torch.compiler.is_compiling()
+                 and not torch.is_grad_enabled() and not isinstance(qweight, torch._subclasses.FakeTensor))
+    if not cacheable:
+        return dequantize_packed(qweight, w_scale, w_zero, w_bits, group_size, in_features).to(dtype)
+    key = (dtype, qweight._version, w_scale, w_scale._version, w_zero, None if w_zero is None else w_zero._version)
+    hit = _DEQUANTIZED.get(qweight)
+    if hit is not None and all(a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(hit[0], key)):
+        return hit[1]
+    w = dequantize_packed(qweight, w_scale, w_zero, w_bits, group_size, in_features).to(dtype)
+    _DEQUANTIZED[qweight] = (key, w)
+    return w
+
+
+def _int_path(qweight, w_zero, w_bits, group_size, a_bits) -> bool:
+    """Symmetric per-channel int weights with int activations on the CPU: an exact int32 GEMM."""
+    return (qweight.device.type == "cpu" and qweight.dtype == torch.uint8 and w_zero is None and group_size == 0
+            and w_bits <= 8 and a_bits <= 8)
+
+
+def _int_linear(x, qweight, w_scale, bias, w_bits, in_features, a_bits, a_scale, a_clip):
+    """(q_x @ q_w^T) * s_x * s_w with the integer product exact (int32), as int8 tensor cores do.
+
+    q_x: per-token (..., K) or static int codes; q_w: signed codes (N, K); s_w: (N, 1).
+    """
+    codes = _DEQUANTIZED_INT.get(qweight)
+    if codes is None or codes[0] != qweight._version:
+        signed = (P.unpack(qweight, w_bits, in_features).to(torch.int16) - (1 << (w_bits - 1))).to(torch.int8)
+        codes = (qweight._version, signed.T.contiguous())  # (K, N)
+        if not torch.compiler.is_compiling() and not isinstance(qweight, torch._subclasses.FakeTensor):
+            _DEQUANTIZED_INT[qweight] = codes
+    if a_scale is None:
+        qx, sx = P.quantize_per_token(x, a_bits, a_clip)
+    else:
+        qx, sx = P.quantize_per_tensor_static(x, a_scale.float(), a_bits), a_scale.float()
+    acc = torch._int_mm(qx.reshape(-1, in_features), codes[1]).reshape(*x.shape[:-1], -1)
+    y = acc.float() * sx * w_scale.float().reshape(-1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
 def quantized_linear_ref(x, qweight, w_scale, w_zero, bias, w_bits, group_size, in_features, a_bits, a_scale,
                          a_clip=1.0):
     """Plain-PyTorch reference for `qfx::quantized_linear` (see its docstring)."""
-    w = dequantize_packed(qweight, w_scale, w_zero, w_bits, group_size, in_features)
     if a_bits == NO_ACT_QUANT:
-        return torch.nn.functional.linear(x, w.to(x.dtype), bias)
+        return torch.nn.functional.linear(x, _weight(qweight, w_scale, w_zero, w_bits, group_size, in_features, x.dtype),
+                                          bias)
+    if _int_path(qweight, w_zero, w_bits, group_size, a_bits):
+        return _int_linear(x, qweight, w_scale, bias, w_bits, in_features, a_bits, a_scale, a_clip)
+    w = _weight(qweight, w_scale, w_zero, w_bits, group_size, in_features, torch.float32)
     xq = fake_quantize_activation(x, a_bits, a_scale, fp8=qweight.dtype == P.FP8_DTYPE, clip_ratio=a_clip)
     y = xq @ w.T  # float32 accumulation, as integer/fp8 GEMMs accumulate exactly or in fp32
     if bias is not None:

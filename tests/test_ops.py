@@ -1,5 +1,7 @@
 """qfx::quantized_linear against a dense computation written here from the format's definition."""
 
+import gc
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -130,3 +132,40 @@ def test_hadamard_op_matches_dense_and_has_a_gradient():
     (y * torch.arange(48.0, dtype=torch.float64)).sum().backward()
     torch.testing.assert_close(x.grad, (torch.arange(48.0, dtype=torch.float64) @ h.T).expand(3, 48),
                                rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("a_bits,static", [(8, False), (4, False), (8, True)])
+def test_symmetric_per_channel_int_path_is_exact(a_bits, static):
+    # per-channel symmetric int weights with int activations: an int32 GEMM, then the scales
+    codes, scale, _ = _random_op_inputs(24, 48, 8, 48, True, 5)
+    x = torch.randn(2, 3, 48)
+    a_scale = torch.tensor(0.03) if static else None
+    y = quantized_linear(x, P.pack(codes, 8), scale, None, None, 8, 0, 48, a_bits, a_scale)
+    if static:
+        qx, sx = P.quantize_per_tensor_static(x, a_scale, a_bits), a_scale
+    else:
+        qx, sx = P.quantize_per_token(x, a_bits)
+    exact = (qx.double() @ (codes.double() - 128).T) * sx.double() * scale.double().T
+    torch.testing.assert_close(y.double(), exact, rtol=1e-6, atol=1e-6)  # float32 rounding of the scaling only
+
+
+def test_cpu_weight_cache_is_exact_and_follows_in_place_changes():
+    from qfx import ops
+    codes, scale, zero = _random_op_inputs(16, 40, 4, 8, False, 2)
+    qweight, x = P.pack(codes, 4), torch.randn(3, 40)
+    with torch.no_grad():
+        first = quantized_linear(x, qweight, scale, zero, None, 4, 8, 40, NO_ACT_QUANT, None)
+        assert qweight in ops._DEQUANTIZED
+        again = quantized_linear(x, qweight, scale, zero, None, 4, 8, 40, NO_ACT_QUANT, None)
+        scale.mul_(2)
+        doubled = quantized_linear(x, qweight, scale, zero, None, 4, 8, 40, NO_ACT_QUANT, None)
+        other_zero = quantized_linear(x, qweight, scale, torch.zeros_like(zero), None, 4, 8, 40, NO_ACT_QUANT, None)
+    uncached = x @ _dense_weight(codes, scale / 2, zero, 4, 8).T
+    torch.testing.assert_close(first, uncached, rtol=0, atol=0)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    torch.testing.assert_close(doubled, 2 * first, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(other_zero, x @ _dense_weight(codes, scale, torch.zeros_like(zero), 4, 8).T)
+    before = len(ops._DEQUANTIZED)
+    del qweight
+    gc.collect()
+    assert len(ops._DEQUANTIZED) == before - 1  # the entry went with its weight
