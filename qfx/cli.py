@@ -37,6 +37,13 @@ def _add_common(p: argparse.ArgumentParser, calib: bool) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line naming the option; the usage itself is in --help."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _checked(convert, ok, wanted: str):
     """An argparse type: `convert(text)`, refused unless `ok(value)`, naming what was wanted."""
     def parse(text: str):
@@ -60,7 +67,7 @@ _non_negative_float = _checked(float, lambda v: v >= 0, "a number >= 0")
 def build_parser() -> argparse.ArgumentParser:
     from qfx import __version__
 
-    parser = argparse.ArgumentParser(prog="qfx", description="Post-training quantization of causal LMs.")
+    parser = _Parser(prog="qfx", description="Post-training quantization of causal LMs.")
     parser.add_argument("--version", action="version", version=f"qfx {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 

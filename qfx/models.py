@@ -40,7 +40,7 @@ def check_model_name(name: str) -> None:
                          f"to fetch it as a hub id (give a local folder, a .gguf file, or {DEFAULT_MODEL})")
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def _hub_reachable(timeout: float = 1.5) -> bool:
     import os
     import socket
 
