@@ -55,22 +55,30 @@ def from_groups(wg: torch.Tensor, in_features: int) -> torch.Tensor:
 
 
 def choose_qparams(
-    x_min: torch.Tensor, x_max: torch.Tensor, bits: int, symmetric: bool
+    x_min: torch.Tensor, x_max: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale (float32) and zero point (uint8, asymmetric only) from a range.
 
     The range is widened to contain 0. Symmetric: zero is None, and the scale is the smallest
     that neither clips x_max at qmax nor x_min at qmin (see the module docstring).
+    scale_dtype: the scale rounded to nearest in this dtype (then the zero point from it).
     """
     x_min = torch.clamp(x_min.float(), max=0.0)
     x_max = torch.clamp(x_max.float(), min=0.0)
     qmin, qmax = qrange(bits, symmetric)
     if symmetric:
         scale = torch.clamp(torch.maximum(-x_min / -qmin, x_max / qmax), min=_EPS)
-        return scale, None
+        return (scale if scale_dtype is None else _held_in(scale, scale_dtype)), None
     scale = torch.clamp((x_max - x_min) / (qmax - qmin), min=_EPS)
+    if scale_dtype is not None:
+        scale = _held_in(scale, scale_dtype)
     zero = torch.clamp(torch.round(qmin - x_min / scale), qmin, qmax).to(torch.uint8)
     return scale, zero
+
+
+def _held_in(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Positive float32 scales rounded to nearest in `dtype`, at least its smallest normal value."""
+    return torch.clamp(scale.to(dtype).float(), min=torch.finfo(dtype).tiny)
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
@@ -132,6 +140,39 @@ def fake_quantize_weight(
 
 
 # -- activations ------------------------------------------------------------------------
+
+
+def representable_scale(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+                        dtype: torch.dtype, importance: torch.Tensor | None = None, ulps: int = 2) -> torch.Tensor:
+    """The scale of each group among the `dtype` values nearest `scale` that reconstructs it best.
+
+    wg: weight groups (..., g); scale (..., 1) float32; zero (..., 1) uint8 or None (kept: it
+    is a code). Candidates: the `ulps` values of `dtype` at or below the scale and the `ulps`
+    above it; the winner minimises sum importance * (w - dq(w))^2 over the group (importance
+    broadcast to wg, e.g. the inputs' energy; None = 1). Plain rounding to `dtype` is one of
+    the candidates, so the error is never above it. Returns float32 scales that `dtype` holds
+    exactly.
+    """
+    base = scale.to(dtype)
+    below = torch.where(base.float() > scale, torch.nextafter(base, torch.zeros_like(base)), base)
+    candidates = [below]
+    for _ in range(ulps - 1):
+        candidates.append(torch.nextafter(candidates[-1], torch.zeros_like(base)))
+    up = torch.nextafter(below, torch.full_like(base, math.inf))
+    candidates.append(up)
+    for _ in range(ulps - 1):
+        candidates.append(torch.nextafter(candidates[-1], torch.full_like(base, math.inf)))
+    best = best_err = None
+    for c in candidates:
+        c = torch.clamp(c.float(), min=torch.finfo(dtype).tiny)
+        err = (wg - dequantize(quantize(wg, c, zero, bits), c, zero, bits)) ** 2
+        err = (err if importance is None else err * importance).sum(-1, keepdim=True)
+        if best is None:
+            best, best_err = c, err
+        else:
+            better = err < best_err
+            best, best_err = torch.where(better, c, best), torch.where(better, err, best_err)
+    return best
 
 
 def quantize_per_token(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

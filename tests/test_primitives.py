@@ -157,3 +157,22 @@ def test_choose_qparams_always_contains_zero():
     scale, zero = P.choose_qparams(torch.tensor(2.0), torch.tensor(5.0), 4, symmetric=False)
     assert int(zero) == 0  # range widened to [0, 5]
     assert math.isclose(float(scale), 5.0 / 15, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sym", [True, False])
+def test_representable_scale_is_held_exactly_and_never_worse_than_rounding(dtype, sym):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 8, 32, generator=g) * 0.02  # (rows, groups, group size)
+    importance = torch.rand(1, 8, 32, generator=g) + 0.1
+    scale, zero = P.choose_qparams(w.amin(-1, keepdim=True), w.amax(-1, keepdim=True), 4, sym)
+    best = P.representable_scale(w, scale, zero, 4, dtype, importance)
+
+    def err(s):
+        return ((w - P.dequantize(P.quantize(w, s, zero, 4), s, zero, 4)) ** 2 * importance).sum(-1, keepdim=True)
+
+    assert torch.equal(best.to(dtype).float(), best)
+    nearest = scale.to(dtype).float()
+    assert (err(best) <= err(nearest)).all()
+    assert (err(best) < err(nearest)).any()  # the search finds better scales than rounding somewhere
+    assert ((best - scale).abs() <= 4 * (nearest - scale).abs().clamp(min=scale * 2.0 ** -8)).all()  # a neighbour

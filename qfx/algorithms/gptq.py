@@ -78,12 +78,13 @@ def inverse_hessian_cholesky(h: torch.Tensor, damp: float, retries: int = 4) -> 
 
 def gptq_block_ref(w1: torch.Tensor, hinv1: torch.Tensor, cols: list[int], codes: torch.Tensor,
                    scale: torch.Tensor, zero: torch.Tensor | None, bits: int, symmetric: bool, group: int,
-                   static: bool, clip_ratio: float) -> torch.Tensor:
+                   static: bool, clip_ratio: float, scale_dtype: torch.dtype | None = None) -> torch.Tensor:
     """One lazy batch of GPTQ's columns (original indices `cols`) in PyTorch; on CUDA the Triton
     kernel `qfx.lowering.kernels.gptq_block` runs the same loop in one launch.
 
     w1 (N, width): the batch's current columns, used as scratch; codes (N, K) and, for non-static groups, scale / zero
-    (N, G) are written at the batch's columns and groups. Returns e (N, width), each column's
+    (N, G) are written at the batch's columns and groups (their scales rounded to nearest in
+    `scale_dtype` when given, before the zero point and the codes). Returns e (N, width), each column's
     error over its inverse-Hessian pivot, for the update of the columns after the batch.
     """
     err1 = torch.zeros_like(w1)
@@ -93,7 +94,7 @@ def gptq_block_ref(w1: torch.Tensor, hinv1: torch.Tensor, cols: list[int], codes
         if not static and col % group == 0:  # a new group: qparams from the freshest weights
             fresh = w1[:, i : i + group]
             lo, hi = fresh.amin(1) * clip_ratio, fresh.amax(1) * clip_ratio
-            s, z = P.choose_qparams(lo, hi, bits, symmetric)
+            s, z = P.choose_qparams(lo, hi, bits, symmetric, scale_dtype)
             scale[:, gi] = s
             if zero is not None:
                 zero[:, gi] = z
@@ -124,6 +125,7 @@ def gptq_quantize(
     act_order: bool = False,
     clip_ratio: float = 1.0,
     range_search: bool = False,
+    scale_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """GPTQ of w (N, K) against Hessian h (K, K).
 
@@ -136,6 +138,10 @@ def gptq_quantize(
     range_search: static group ranges come from `search_qparams` (shrunk where that lowers the
     Hessian-diagonal-weighted rounding error) instead of min-max; groups chosen on the fly
     (no act_order) stay min-max.
+    scale_dtype: scales that this dtype (e.g. the model's bfloat16) holds exactly, chosen before
+    the columns they quantize, so GPTQ's error feedback sees the stored scales: static groups
+    take the representable scale next to theirs with the lowest Hessian-diagonal-weighted
+    rounding error (`P.representable_scale`); groups chosen on the fly round to nearest.
     """
     dtype = torch.promote_types(w.dtype, torch.float32)  # float32 at least; float64 stays float64
     w = w.detach().to(dtype).clone()
@@ -163,6 +169,11 @@ def gptq_quantize(
                 scale[:, gi] = s[:, 0]
                 if zero is not None:
                     zero[:, gi] = z[:, 0]
+        if scale_dtype is not None and scale_dtype != dtype:
+            scale[:] = P.representable_scale(P.to_groups(w, g), scale.unsqueeze(-1), None if zero is None else
+                                             zero.unsqueeze(-1), bits, scale_dtype,
+                                             P.to_groups(torch.diag(h), g)).squeeze(-1)
+    rounding = None if static or scale_dtype == dtype else scale_dtype
 
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k, device=dev)
     if act_order:  # one step at a time, so that at most two (K, K) copies are alive
@@ -182,9 +193,10 @@ def gptq_quantize(
         if fused:
             from qfx.lowering.kernels.gptq_block import gptq_block
 
-            err1 = gptq_block(w1, hinv1, perm[i1:i2], codes, scale, zero, bits, symmetric, g, static, clip_ratio)
+            err1 = gptq_block(w1, hinv1, perm[i1:i2], codes, scale, zero, bits, symmetric, g, static, clip_ratio,
+                              rounding)
         else:
             err1 = gptq_block_ref(w1, hinv1, perm[i1:i2].tolist(), codes, scale, zero, bits, symmetric, g, static,
-                                  clip_ratio)
+                                  clip_ratio, rounding)
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     return codes, scale.float(), zero

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import qfx
+from qfx import primitives as P
 from qfx.eval import perplexity
 from qfx.formats import ExportError
 from qfx.formats.compressed_tensors import pack_int32, unpack_int32
@@ -44,6 +45,37 @@ def test_transformers_loads_the_folder_with_the_same_perplexity(recipe, tmp_path
     ppl_hf = perplexity(lambda ids: hf(input_ids=ids).logits, windows, progress=False)
     ppl_qfx = perplexity(qmodel, windows, progress=False)
     assert abs(ppl_hf - ppl_qfx) / ppl_qfx < 1e-3, (ppl_hf, ppl_qfx)
+
+
+def _fake_quantized_in_model_dtype(x, qweight, w_scale, w_zero, bias, w_bits, group_size, in_features, a_bits,
+                                   a_scale, a_clip=1.0):
+    """W8A8 / W4A8 (symmetric per channel, per-token int8) as transformers computes it with
+    compressed-tensors: scale = max|x| / 127.5 and the dequantized activations and weights in
+    the model dtype, then a matmul in that dtype."""
+    dt = x.dtype
+    w = (P.unpack(qweight, w_bits, in_features).float() - (1 << (w_bits - 1))).to(dt) * w_scale.to(dt)
+    s = x.abs().amax(-1, keepdim=True) / torch.tensor(255 / 2, dtype=dt)
+    return torch.nn.functional.linear(torch.clamp(torch.round(x / s), -128, 127) * s, w, bias)
+
+
+@pytest.mark.parametrize("recipe", ["w8 g0 a8 scale-model", "w4 g0 a8 scale-model"])
+def test_transformers_fake_quantizes_int_activations_in_the_model_dtype(recipe, tmp_path, monkeypatch):
+    # why transformers does not reproduce qfx's W8A8 exactly: it rounds q * s (up to 15
+    # significant bits) to bfloat16 on both operands, where int8 GEMMs (qfx, vLLM) are exact
+    from transformers import AutoModelForCausalLM
+
+    import qfx.ops
+
+    qmodel = qfx.quantize(tiny_model("llama", dtype=torch.bfloat16, tie_word_embeddings=True), recipe)
+    qfx.export(qmodel, tmp_path / "ct", format="compressed-tensors")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ct").eval()
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs, ours = hf(input_ids=ids).logits, qmodel(ids)
+        monkeypatch.setattr(qfx.ops, "quantized_linear_ref", _fake_quantized_in_model_dtype)
+        emulated = qmodel(ids)
+    assert not torch.equal(theirs, ours)
+    assert torch.equal(theirs, emulated)
 
 
 def test_asymmetric_weights_decompress_exactly_with_the_package(tmp_path):

@@ -27,7 +27,7 @@ def _batch(n, width, k, seed):
     return torch.randn(n, width, generator=g), hinv
 
 
-def _run(fn, w1, hinv1, cols, k, bits, sym, group, static, clip, seed):
+def _run(fn, w1, hinv1, cols, k, bits, sym, group, static, clip, seed, scale_dtype=None):
     n = w1.shape[0]
     n_groups = P.n_groups(k, group)
     codes = torch.zeros(n, k, dtype=torch.uint8, device=DEVICE)
@@ -35,7 +35,7 @@ def _run(fn, w1, hinv1, cols, k, bits, sym, group, static, clip, seed):
     scale = (torch.rand(n, n_groups, generator=g) * 0.3 + 0.05).to(DEVICE)  # used when static
     zero = None if sym else torch.randint(0, 1 << bits, (n, n_groups), generator=g).to(torch.uint8).to(DEVICE)
     w1 = w1.clone().to(DEVICE)
-    err = fn(w1, hinv1.to(DEVICE), cols, codes, scale, zero, bits, sym, group, static, clip)
+    err = fn(w1, hinv1.to(DEVICE), cols, codes, scale, zero, bits, sym, group, static, clip, scale_dtype)
     return codes.cpu(), scale.cpu(), None if zero is None else zero.cpu(), err.cpu()
 
 
@@ -60,6 +60,22 @@ def test_kernel_matches_the_pytorch_loop(sym, bits, group, width, static):
             assert (out[2][:, groups].int() - ref[2][:, groups].int()).abs().max() <= (0 if DEVICE == "cpu" else 1)
     if DEVICE == "cpu":
         torch.testing.assert_close(out[3], ref[3], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sym", [True, False])
+def test_kernel_rounds_fresh_scales_like_the_loop(scale_dtype, sym):
+    n, k, group, width = 19, 64, 16, 32
+    w1, hinv1 = _batch(n, width, k, seed=7)
+    args = (k, 4, sym, group, False, 1.0, 7)
+    ref = _run(gptq_block_ref, w1, hinv1, list(range(width)), *args, scale_dtype=scale_dtype)
+    out = _run(gptq_block, w1, hinv1, torch.arange(width, device=DEVICE), *args, scale_dtype=scale_dtype)
+    opened = list(range(width // group))
+    assert torch.equal(ref[1][:, opened].to(scale_dtype).float(), ref[1][:, opened])  # held exactly
+    torch.testing.assert_close(out[1][:, opened], ref[1][:, opened], rtol=0, atol=0)
+    assert (out[0][:, :width] != ref[0][:, :width]).float().mean() <= MAX_FLIPPED
+    plain = _run(gptq_block_ref, w1, hinv1, list(range(width)), *args)
+    assert not torch.equal(plain[1][:, opened], ref[1][:, opened])  # rounding did change scales
 
 
 @settings(max_examples=8, deadline=None)

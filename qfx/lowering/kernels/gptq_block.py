@@ -29,10 +29,11 @@ import triton.language as tl
 
 def gptq_block(w1: torch.Tensor, hinv1: torch.Tensor, cols: torch.Tensor, codes: torch.Tensor,
                scale: torch.Tensor, zero: torch.Tensor | None, bits: int, symmetric: bool, group: int,
-               static: bool, clip_ratio: float) -> torch.Tensor:
+               static: bool, clip_ratio: float, scale_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The batch's loop as one launch. w1 (N, width) float32, the batch's current columns (read
     only); hinv1 (width, width) float32; cols (width,) int64 on w1's device; codes (N, K) uint8;
-    scale (N, G) float32; zero (N, G) uint8 or None. Returns e (N, width) float32."""
+    scale (N, G) float32; zero (N, G) uint8 or None; scale_dtype: on-the-fly scales rounded to
+    nearest in bfloat16 / float16 (None: kept). Returns e (N, width) float32."""
     n, width = w1.shape
     if w1.dtype != torch.float32 or hinv1.dtype != torch.float32 or scale.dtype != torch.float32:
         raise TypeError("gptq_block runs in float32; use gptq_block_ref for other dtypes")
@@ -47,9 +48,12 @@ def gptq_block(w1: torch.Tensor, hinv1: torch.Tensor, cols: torch.Tensor, codes:
         w1, w1.stride(0), hinv1, hinv1.stride(0), cols, codes, codes.stride(0),
         scale, zero if zero is not None else scale, scale.stride(0), err1, err1.stride(0),
         n, width, group, float(clip_ratio), float(qmax), float(qmax), float(1 << (bits - 1)),
-        SYMMETRIC=symmetric, STATIC=static, BLOCK_N=block_n, BLOCK_W=block_w, num_warps=4,
+        SYMMETRIC=symmetric, STATIC=static, ROUND_SCALE=_ROUNDING[scale_dtype], BLOCK_N=block_n, BLOCK_W=block_w, num_warps=4,
     )
     return err1
+
+
+_ROUNDING = {None: 0, torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 @triton.jit
@@ -57,7 +61,7 @@ def gptq_block_kernel(
     w_ptr, stride_w, hinv_ptr, stride_h, cols_ptr, codes_ptr, stride_c,
     scale_ptr, zero_ptr, stride_s, err_ptr, stride_e,
     N, WIDTH, GROUP, clip_ratio, qmax, range_div, half,  # range_div: asymmetric qmax - qmin
-    SYMMETRIC: tl.constexpr, STATIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    SYMMETRIC: tl.constexpr, STATIC: tl.constexpr, ROUND_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -84,9 +88,10 @@ def gptq_block_kernel(
             if SYMMETRIC:
                 # primitives.choose_qparams: neither end clipped, -lo at -half, hi at half - 1
                 s_new = tl.maximum(tl.maximum(tl.math.div_rn(-lo, half), tl.math.div_rn(hi, half - 1.0)), 1e-12)
+                s_new = _rounded(s_new, ROUND_SCALE)
                 z_new = z
             else:
-                s_new = tl.maximum(tl.math.div_rn(hi - lo, range_div), 1e-12)
+                s_new = _rounded(tl.maximum(tl.math.div_rn(hi - lo, range_div), 1e-12), ROUND_SCALE)
                 z_new = (-tl.math.div_rn(lo, s_new) + 12582912.0) - 12582912.0
                 z_new = tl.minimum(tl.maximum(z_new, 0.0), qmax)
                 tl.store(zero_ptr + rows * stride_s + gi, z_new.to(tl.uint8), mask=start)
@@ -102,3 +107,16 @@ def gptq_block_kernel(
         tl.store(err_ptr + rows * stride_e + i, e, mask=row_ok)
         h_i = tl.load(hinv_ptr + i * stride_h + j, mask=j_ok & (j > i), other=0.0)
         w = w - e[:, None] * h_i[None, :]
+
+
+@triton.jit
+def _rounded(s, ROUND_SCALE: tl.constexpr):
+    """s > 0 rounded to nearest (even) in bfloat16 (1) or float16 (2), back in float32, at least
+    the dtype's smallest normal value (`primitives._held_in`); 0: s."""
+    if ROUND_SCALE == 1:  # on the bits, so that compiled and interpreted runs agree
+        bits = s.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        s = tl.maximum(bits.to(tl.float32, bitcast=True), 1.1754943508222875e-38)
+    elif ROUND_SCALE == 2:
+        s = tl.maximum(s.to(tl.float16, fp_downcast_rounding="rtne").to(tl.float32), 6.103515625e-05)
+    return s
