@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch.fx import GraphModule
+from tqdm.auto import tqdm
 
 from qfx.algorithms.spinquant import learn_rotations
 from qfx.calibrate import calibrate
@@ -101,10 +102,22 @@ def quantize(
         timings["calib_seconds"] += time.time() - start
         if on_rotations is not None:
             on_rotations(rotations)
-    prepared = prepare(model, recipe, example_inputs, dtype=dtype, rotations=rotations)
+    steps = tqdm(total=3, desc="quantize", unit="step", disable=not progress,
+                 bar_format="{desc} ({n}/{total} steps, {elapsed})")
+    steps.set_description_str("quantize: capture")
+    gm = model if isinstance(model, GraphModule) else capture(model, example_inputs, dtype=dtype)
+    steps.update()
+    steps.set_description_str("quantize: plan and observe")
+    prepared = prepare(gm, recipe, rotations=rotations)
+    steps.update()
     if needs_calibration(prepared):
+        steps.set_description_str("quantize: calibrate")
         data = calibration_batches("this recipe needs calibration data (static activation scales or GPTQ)")
         start = time.time()
         calibrate(prepared, data, progress=progress, device=device)
         timings["calib_seconds"] += time.time() - start
-    return convert(prepared)
+    steps.set_description_str("quantize: convert")
+    qmodel = convert(prepared)
+    steps.update()
+    steps.close()
+    return qmodel
