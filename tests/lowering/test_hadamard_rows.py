@@ -31,11 +31,19 @@ def test_size_split_covers_the_sizes_used_here():
 
 @pytest.mark.parametrize("n", [64, 256, 1024, 192, 1536, 3584, 188 * 16, 5120, 14336])
 def test_kernel_factors_rebuild_the_rotation(n):
-    """(L (x) H_Q) (x) H_C times the output scale is the reference's H_n, in float64."""
+    """(L (x) H_Q) (x) H_C times the output scale is the reference's H_n, in float64: applied to
+    random rows (never an n x n matrix: at n = 14336 that alone is 1.6 GB), and as matrices
+    for the small sizes."""
     lt, scale, c, _, q = left_factor(n)
     left = torch.ones(1, 1, dtype=torch.float64) if lt is None else lt.double().T.contiguous()
-    full = torch.kron(torch.kron(left, hadamard_matrix(q)), hadamard_matrix(c))
-    torch.testing.assert_close(full * scale, hadamard_dense(n), rtol=0, atol=1e-6)
+    hq, hc = hadamard_matrix(q).double(), hadamard_matrix(c).double()
+    x = torch.randn(4, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    # x @ (L (x) H_Q (x) H_C): row index (i, j, k) of the Kronecker product -> column (a, b, c)
+    y = torch.einsum("rijk,ia,jb,kc->rabc", x.reshape(4, left.shape[0], q, c), left, hq, hc).reshape(4, n)
+    torch.testing.assert_close(y * scale, hadamard_ref(x), rtol=0, atol=1e-9 * n ** 0.5)
+    if n <= 1536:
+        full = torch.kron(torch.kron(left, hq), hc)
+        torch.testing.assert_close(full * scale, hadamard_dense(n), rtol=0, atol=1e-6)
     if n in (3584, 1536, 1024, 5120, 14336):  # Hadamard factors: stored as +-1, exact in every dtype
         assert torch.equal(left.abs(), torch.ones_like(left))
     if n in (5120, 14336):  # 20 x 2 x 128 and 28 x 4 x 128: the block kernel, with an m x m left factor
