@@ -50,7 +50,7 @@ def convert(prepared: GraphModule) -> GraphModule:
         raise QuantizeError("convert() takes the GraphModule returned by qfx.prepare()")
     recipe = Recipe.from_dict(meta["recipe"])
     block_wise = [m for m in recipe.methods if m in TRANSFORM_METHODS or m == "gptaq"]
-    if block_wise and "solved" not in meta:
+    if block_wise and "solved" not in meta and counts(prepared).get("annotate_linears", 0):
         raise QuantizeError(f"{', '.join(block_wise)} calibrate block by block: run qfx.calibrate(prepared, batches) "
                             "before convert (a plain loop over prepared(batch) is enough only for rtn and gptq)")
     return quantize_linears(prepared)

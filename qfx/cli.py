@@ -312,6 +312,7 @@ def cmd_quantize(a: argparse.Namespace) -> dict:
         "calib_source": a.calib if calib_used else None,
         "calib_samples": calib_used,
         "quantized_linears": qfx.passes.counts(qmodel).get("quantize_linears", 0),
+        "total_linears": qmodel.meta.get("qfx", {}).get("total_linears"),
         "quantize_seconds": round(quant_seconds, 3),
         "calib_seconds": round(calib_seconds, 3),
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if a.device.startswith("cuda") else None,

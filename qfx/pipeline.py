@@ -21,6 +21,7 @@ from torch.fx import GraphModule
 
 from qfx.capture import linear_nodes
 from qfx.config import Recipe
+from qfx.coverage import check_coverage
 from qfx.passes.annotate_linears import annotate_linears
 from qfx.passes.canonicalize_linears import canonicalize_linears
 from qfx.passes.insert_observers import insert_observers
@@ -44,7 +45,9 @@ def lay_out(gm: GraphModule, recipe: Recipe, *, compute: bool = True,
                             "qfx quantizes linear / Conv1D projections")
     gm = rotate_for_recipe(gm, recipe, rotations=rotations, compute=compute)
     gm = quantize_kv_cache(gm, recipe.kv)
-    return annotate_linears(gm, recipe)
+    gm = annotate_linears(gm, recipe)
+    check_coverage(gm, quantizes_weights=recipe.weight is not None)
+    return gm
 
 
 def with_observers(gm: GraphModule, recipe: Recipe, rotations=None) -> GraphModule:

@@ -45,10 +45,23 @@ def is_head(node: Node) -> bool:
     return False
 
 
+def linear_path(node: Node) -> str:
+    """The name a linear's quantized tensors, observers and rules go by: for a parameter named
+    `weight`, the path of the module that calls the linear (model.layers.0.mlp.down_proj;
+    `lm_head` for a head tied to the embeddings) or else the weight's owner; for any other
+    parameter, its own path with `_linear` appended (a root-level `proj` -> `proj_linear`), a
+    free name beside it, so two weights of one module never share a name."""
+    target = node.args[1].target
+    owner, _, name = target.rpartition(".")
+    if name == "weight" and (module_path(node) or owner):
+        return module_path(node) or owner
+    return f"{target}_linear"
+
+
 def annotate_linears(gm: GraphModule, recipe: Recipe) -> GraphModule:
     planned = 0
     for node in linear_nodes(gm):
-        path = module_path(node) or node.args[1].target.rpartition(".")[0]
+        path = linear_path(node)
         head = is_head(node)
         w_spec, a_spec = recipe.resolve(path, head)
         node.meta.pop("qfx", None)

@@ -55,5 +55,7 @@ def _observe_input(gm: GraphModule, node, target: str, observer) -> None:
     with gm.graph.inserting_before(node):
         obs = gm.graph.call_module(target, (x,))
     obs.meta = {k: v for k, v in x.meta.items() if k in ("val", "tensor_meta")}
+    if "nn_module_stack" in node.meta:  # the observer belongs to its linear's block (see qfx.stages), even
+        obs.meta["nn_module_stack"] = node.meta["nn_module_stack"]  # when the input comes from the block before
     node.replace_input_with(x, obs)
     return obs

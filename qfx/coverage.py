@@ -1,0 +1,107 @@
+"""Which projection weights of a graph the recipe quantizes, and why each other one is left.
+
+A projection weight is a 2-D floating parameter read by a matrix product (aten.linear, mm,
+addmm, matmul, bmm, baddbmm, einsum), directly or through a view. After
+`canonicalize_linears` and `annotate_linears`, each is one of:
+- planned: a linear with a `LinearPlan`;
+- left by the recipe: the LM head (full precision unless a rule quantizes it) or a `skip` /
+  `w16` rule;
+- unrecognised: read by a product qfx does not rewrite (a shared weight, a batched product),
+  so it stays in full precision; `check_coverage` warns naming each, and refuses a recipe
+  that quantizes weights when none at all was found.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule, Node
+
+from qfx.capture import module_path
+
+aten = torch.ops.aten
+_PRODUCTS = {aten.linear.default, aten.mm.default, aten.addmm.default, aten.matmul.default, aten.bmm.default,
+             aten.baddbmm.default, aten.einsum.default}
+_VIEWS = {aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default, aten.mT.default,
+          aten.view.default, aten.reshape.default, aten.expand.default, aten.unsqueeze.default, aten.to.dtype,
+          aten._to_copy.default, aten.contiguous.default, aten.detach.default}
+
+
+@dataclass(frozen=True)
+class Projection:
+    weight: str  # get_attr target
+    path: str  # module path of the reading op
+    op: str  # the product reading it, e.g. "linear", "bmm"
+    status: str  # "quantized", "head", "skipped" or "unrecognised"
+
+
+def projections(gm: GraphModule) -> list[Projection]:
+    """Every projection weight of `gm` with what the plan does with it, in graph order."""
+    from qfx.passes.annotate_linears import LinearPlan  # annotate imports capture; keep this module light
+
+    found: dict[str, Projection] = {}
+    for n in gm.graph.nodes:
+        if n.op != "get_attr" or not _is_2d_float(gm, n.target):
+            continue
+        for product, via_view in _products_reading(n):
+            op = str(product.target).split(".")[-2] if "." in str(product.target) else str(product.target)
+            path = module_path(product) or n.target.rpartition(".")[0]
+            plan = product.meta.get("qfx")
+            if product.target is aten.linear.default and product.args[1] is n and not via_view:
+                if isinstance(plan, LinearPlan):
+                    status = "quantized"
+                else:
+                    from qfx.passes.annotate_linears import is_head
+
+                    status = "head" if is_head(product) else "skipped"
+            else:
+                status = "unrecognised"
+            previous = found.get(n.target)
+            if previous is None or previous.status == "quantized" and status == "unrecognised":
+                found[n.target] = Projection(n.target, path, op, status)
+    return list(found.values())
+
+
+def check_coverage(gm: GraphModule, quantizes_weights: bool) -> None:
+    """Record `total_linears` in gm.meta["qfx"]; warn about unrecognised projections; refuse
+    when the recipe quantizes weights and no projection could be planned."""
+    found = projections(gm)
+    gm.meta.setdefault("qfx", {})["total_linears"] = len(found)
+    missed = [p for p in found if p.status == "unrecognised"]
+    planned = sum(p.status == "quantized" for p in found)
+    if quantizes_weights and planned == 0 and missed:
+        from qfx.pipeline import QuantizeError
+
+        raise QuantizeError(f"no projection could be quantized: {_listed(missed)} "
+                            "(a product of activations with a shared or batched weight is not rewritten into a linear)")
+    if missed:
+        warnings.warn(f"{len(missed)} of {len(found)} projection weights stay in full precision because qfx does not "
+                      f"rewrite the product that reads them: {_listed(missed)}", stacklevel=3)
+
+
+def _listed(items: list[Projection], most: int = 4) -> str:
+    text = ", ".join(f"{p.path or p.weight} ({p.op} reads {p.weight})" for p in items[:most])
+    return text + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
+def _is_2d_float(gm: GraphModule, target: str) -> bool:
+    owner_path, _, name = target.rpartition(".")
+    t = getattr(gm.get_submodule(owner_path), name, None)
+    return isinstance(t, torch.Tensor) and t.ndim == 2 and t.is_floating_point()
+
+
+def _products_reading(attr: Node) -> list[tuple[Node, bool]]:
+    """(product, whether reached through a view) for each matrix product reading `attr`."""
+    out, todo, seen = [], [(u, False) for u in attr.users], set()
+    while todo:
+        n, via_view = todo.pop()
+        if n in seen or n.op != "call_function":
+            continue
+        seen.add(n)
+        if n.target in _PRODUCTS:
+            out.append((n, via_view))
+        elif n.target in _VIEWS:
+            todo.extend((u, True) for u in n.users)
+    return out
