@@ -14,6 +14,7 @@ the table.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -121,8 +122,14 @@ def run(model: torch.nn.Module, method: str) -> str:
 
     recipe = METHODS[method]
     ids = example_ids()
+    tolerance = 1e-6  # quarot: transformers' RMSNorms compute in float32 at any dtype
     if method.startswith("quarot"):
-        model = model.to(torch.float64)
+        model = copy.deepcopy(model).to(torch.float64)
+        try:
+            with torch.no_grad():
+                model(input_ids=ids)
+        except Exception:  # noqa: BLE001  (e.g. grouped expert matmuls have no float64 kernel)
+            model, tolerance = model.to(torch.float32), 1e-4
     with torch.no_grad():
         fp = model(input_ids=ids).logits.double()
     try:
@@ -144,8 +151,10 @@ def run(model: torch.nn.Module, method: str) -> str:
     rel = float((out - fp).norm() / fp.norm().clamp(min=1e-30))
     if method == "rtn w8" and (missed or rel > 0.05):
         return f"error: {len(missed)} unrecognised projections, logits off by {rel:.2g}"
-    if method.startswith("quarot") and rel > 1e-6:  # transformers' RMSNorms compute in float32 at any dtype
-        return f"error: rotated model differs from the original by {rel:.2g} in float64"
+    if method.startswith("quarot") and rel > tolerance:
+        return f"error: rotated model differs from the original by {rel:.2g} ({model.dtype})"
+    if method.startswith("quarot") and tolerance > 1e-6:
+        notes.append("checked in float32: transformers' float64 forward fails")
     if not torch.isfinite(out).all():
         return "error: non-finite logits"
     return "ok" + (f" ({'; '.join(notes)})" if notes else "")
