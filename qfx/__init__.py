@@ -11,6 +11,7 @@ from qfx.config import ConfigError, LayerRule, QuantSpec, Recipe
 from qfx.generate import GenerationError, GenerationOutput, Generator, generate
 from qfx.generation_graph import generation_graph
 from qfx.io import CheckpointError, export, load, load_exported, save
+from qfx.tasks import evaluate
 from qfx.lowering import backend as _backend  # noqa: F401  (registers torch.compile backend "qfx")
 
 try:
@@ -33,6 +34,7 @@ __all__ = [
     "capture",
     "convert",
     "decoder_blocks",
+    "evaluate",
     "export",
     "generate",
     "generation_graph",

