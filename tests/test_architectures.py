@@ -26,7 +26,7 @@ def test_rtn_w8_quantizes_every_projection_of_every_buildable_architecture():
                 continue
             built.append(model_type)
             outcome = run(model, "rtn w8")
-            if outcome != "ok":
+            if not outcome.startswith("ok"):
                 failed[model_type] = outcome
     assert len(built) >= 100, f"only {len(built)} architectures built tiny: {unbuildable}"
     assert not failed, failed
