@@ -1,7 +1,8 @@
 """Which projection weights of a graph the recipe quantizes, and why each other one is left.
 
-A projection weight is a 2-D floating parameter read by a matrix product (aten.linear, mm,
-addmm, matmul, bmm, baddbmm, einsum), directly or through a view. After
+A projection weight is a 2-D floating parameter, or a 3-D stack of them (mixture-of-experts
+weights), read by a matrix product (aten.linear, mm, addmm, matmul, bmm, baddbmm, einsum, or
+any op named like one, e.g. a grouped-mm custom op), directly or through a view. After
 `canonicalize_linears` and `annotate_linears`, each is one of:
 - planned: a linear with a `LinearPlan`;
 - left by the recipe: the LM head (full precision unless a rule quantizes it) or a `skip` /
@@ -13,6 +14,7 @@ addmm, matmul, bmm, baddbmm, einsum), directly or through a view. After
 
 from __future__ import annotations
 
+import operator
 import warnings
 from dataclasses import dataclass
 
@@ -22,11 +24,18 @@ from torch.fx import GraphModule, Node
 from qfx.capture import module_path
 
 aten = torch.ops.aten
-_PRODUCTS = {aten.linear.default, aten.mm.default, aten.addmm.default, aten.matmul.default, aten.bmm.default,
-             aten.baddbmm.default, aten.einsum.default}
+_PRODUCT_NAMES = ("linear", "mm", "matmul", "einsum")  # bmm, addmm, _grouped_mm, grouped_mm_fallback, ...
 _VIEWS = {aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default, aten.mT.default,
           aten.view.default, aten.reshape.default, aten.expand.default, aten.unsqueeze.default, aten.to.dtype,
-          aten._to_copy.default, aten.contiguous.default, aten.detach.default}
+          aten._to_copy.default, aten.contiguous.default, aten.detach.default, aten.select.int, aten.slice.Tensor,
+          aten.index.Tensor, aten.unbind.int}
+
+
+def _is_product(n: Node) -> bool:
+    if getattr(n.target, "namespace", None) == "qfx":  # already quantized (its scales are not weights)
+        return False
+    name = getattr(n.target, "__name__", str(n.target)).split(".")[0].lower()
+    return any(k in name for k in _PRODUCT_NAMES)
 
 
 @dataclass(frozen=True)
@@ -43,7 +52,7 @@ def projections(gm: GraphModule) -> list[Projection]:
 
     found: dict[str, Projection] = {}
     for n in gm.graph.nodes:
-        if n.op != "get_attr" or not _is_2d_float(gm, n.target):
+        if n.op != "get_attr" or not _is_weight(gm, n.target):
             continue
         for product, via_view in _products_reading(n):
             op = str(product.target).split(".")[-2] if "." in str(product.target) else str(product.target)
@@ -86,10 +95,10 @@ def _listed(items: list[Projection], most: int = 4) -> str:
     return text + (f" and {len(items) - most} more" if len(items) > most else "")
 
 
-def _is_2d_float(gm: GraphModule, target: str) -> bool:
+def _is_weight(gm: GraphModule, target: str) -> bool:
     owner_path, _, name = target.rpartition(".")
     t = getattr(gm.get_submodule(owner_path), name, None)
-    return isinstance(t, torch.Tensor) and t.ndim == 2 and t.is_floating_point()
+    return isinstance(t, torch.Tensor) and t.ndim in (2, 3) and t.is_floating_point()
 
 
 def _products_reading(attr: Node) -> list[tuple[Node, bool]]:
@@ -100,8 +109,8 @@ def _products_reading(attr: Node) -> list[tuple[Node, bool]]:
         if n in seen or n.op != "call_function":
             continue
         seen.add(n)
-        if n.target in _PRODUCTS:
+        if _is_product(n):
             out.append((n, via_view))
-        elif n.target in _VIEWS:
+        elif n.target in _VIEWS or n.target is operator.getitem:
             todo.extend((u, True) for u in n.users)
     return out

@@ -5,7 +5,10 @@ The full table of methods x architectures is `benchmarks/results/architectures.m
 and every method on a handful chosen for their structure.
 """
 
+import multiprocessing
+import os
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import transformers
@@ -13,22 +16,30 @@ import transformers
 from tests.architectures import METHODS, Unbuildable, model_types, run, tiny_model_of
 
 
-def test_rtn_w8_quantizes_every_projection_of_every_buildable_architecture():
-    built, unbuildable, failed = [], {}, {}
+def _rtn_w8(model_type: str) -> tuple[str, str]:
+    """("unbuildable" | outcome, detail) for one architecture; runs in a worker process."""
+    import torch
+
+    torch.set_num_threads(1)
     transformers.logging.set_verbosity_error()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for model_type in model_types():
-            try:
-                model = tiny_model_of(model_type)
-            except Unbuildable as e:
-                unbuildable[model_type] = str(e)
-                continue
-            built.append(model_type)
-            outcome = run(model, "rtn w8")
-            if not outcome.startswith("ok"):
-                failed[model_type] = outcome
+        try:
+            model = tiny_model_of(model_type)
+        except Unbuildable as e:
+            return "unbuildable", str(e)
+        return run(model, "rtn w8"), ""
+
+
+def test_rtn_w8_quantizes_every_projection_of_every_buildable_architecture():
+    # one process per core: each architecture is independent, and capture is single-threaded work
+    workers = max(1, min(4, os.cpu_count() or 1))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        outcomes = dict(zip(model_types(), pool.map(_rtn_w8, model_types())))
+    unbuildable = {t: d for t, (o, d) in outcomes.items() if o == "unbuildable"}
+    built = {t: o for t, (o, _) in outcomes.items() if o != "unbuildable"}
     assert len(built) >= 100, f"only {len(built)} architectures built tiny: {unbuildable}"
+    failed = {t: o for t, o in built.items() if not o.startswith("ok")}
     assert not failed, failed
 
 
