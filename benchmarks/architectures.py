@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import multiprocessing
 import os
 import platform
 import sys
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,23 +32,34 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--types", default=None, help="comma-separated model types (default: all)")
     p.add_argument("--output", default="benchmarks/results/architectures.md")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (one architecture each)")
     a = p.parse_args()
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
     types = a.types.split(",") if a.types else model_types()
     rows, unbuildable = [], []
     start = time.time()
-    for t in types:
-        try:
-            model = tiny_model_of(t)
-        except Unbuildable as e:
-            unbuildable.append((t, str(e)))
-            print(f"{t}: cannot be built tiny: {e}", flush=True)
-            continue
-        outcomes = [run(model, m) for m in METHODS]
-        rows.append((t, type(model).__name__, outcomes))
-        print(f"{t}: {' | '.join(o[:60] for o in outcomes)}", flush=True)
+    with ProcessPoolExecutor(a.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for t, (cls, outcomes) in zip(types, pool.map(_one, types)):
+            if cls is None:
+                unbuildable.append((t, outcomes))
+                print(f"{t}: cannot be built tiny: {outcomes}", flush=True)
+            else:
+                rows.append((t, cls, outcomes))
+                print(f"{t}: {' | '.join(o[:60] for o in outcomes)}", flush=True)
     _write(Path(a.output), rows, unbuildable, types, time.time() - start, " ".join(sys.argv))
+
+
+def _one(model_type: str):
+    """(class name, outcomes per method), or (None, why it cannot be built tiny); in a worker."""
+    torch.set_num_threads(1)
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
+    try:
+        model = tiny_model_of(model_type)
+    except Unbuildable as e:
+        return None, str(e)
+    return type(model).__name__, [run(model, m) for m in METHODS]
 
 
 def _cell(outcome: str) -> str:
