@@ -119,6 +119,7 @@ def _hf_defaults(model, example_inputs, dynamic_shapes, positions: bool = False)
             example_inputs += (torch.arange(16, device=device).repeat(2, 1) + torch.tensor([[0], [3]], device=device),)
     if dynamic_shapes is None:
         max_seq = int(getattr(model.config, "max_position_embeddings", None) or 8192)
+        max_seq = max_seq if max_seq > 0 else 8192  # e.g. XLNet's -1: no limit
         dynamic_shapes = hf_dynamic_shapes(max_seq)
         if positions:
             dynamic_shapes = (dynamic_shapes[0], dynamic_shapes[0])

@@ -192,10 +192,12 @@ def _producer_fold(gm: GraphModule, x: Node, k: int, consumers: set[Node]) -> tu
             elif u not in consumers:
                 return None, f"{p.name} is also read by {u.name} ({u.target})"
     if p.target is aten.layer_norm.default:
-        if len(p.args) > 2 and isinstance(p.args[2], Node):
-            targets = [p.args[2].target] + ([p.args[3].target] if len(p.args) > 3 and isinstance(p.args[3], Node) else [])
-            return Fold("norm", tuple(targets)), ""
-        return None, "LayerNorm without an elementwise weight"
+        weight, bias = (list(p.args[2:4]) + [None, None])[:2]
+        if not (isinstance(weight, Node) and weight.op == "get_attr"):
+            return None, f"{p.name}: LayerNorm weight is not a parameter ({getattr(weight, 'name', weight)})"
+        if bias is not None and not (isinstance(bias, Node) and bias.op == "get_attr"):
+            return None, f"{p.name}: LayerNorm bias is not a parameter ({getattr(bias, 'name', bias)})"
+        return Fold("norm", (weight.target,) + ((bias.target,) if bias is not None else ())), ""
     if p.target is aten.mul.Tensor:
         for a in p.args:
             found = _param(gm, a, k)

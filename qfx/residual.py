@@ -109,7 +109,13 @@ def _layer_norm(gm: GraphModule, ln: Node, width: int, stream: Stream) -> Norm |
     if list(ln.args[1]) != [width]:
         stream.problems.append(f"{ln.name}: a LayerNorm over {list(ln.args[1])}, not the last dim")
         return None
-    params = [a.target if isinstance(a, Node) and a.op == "get_attr" else None for a in (*ln.args[2:4], None, None)][:2]
+    params = []
+    for what, a in zip(("weight", "bias"), (*ln.args[2:4], None, None)):
+        if a is not None and not (isinstance(a, Node) and a.op == "get_attr"):  # e.g. (1 + w), LayerNorm1P
+            stream.problems.append(f"{ln.name}: a LayerNorm whose {what} is computed ({getattr(a, 'name', a)}), "
+                                   "not a parameter")
+            return None
+        params.append(None if a is None else a.target)
     norm = Norm(ln, params[0], 0.0, [], bias=params[1], kind="layer")
     readers = _readers(ln, stream)
     if readers is None:

@@ -54,7 +54,11 @@ def assign_stages(gm: GraphModule) -> tuple[dict[Node, int], list[str]]:
             own = latest
             free.append(node)
         if own < latest:
-            raise ValueError(f"node {node.name} of stage {names[own]} reads a value of the later stage {names[latest]}")
+            from qfx.pipeline import QuantizeError
+
+            raise QuantizeError(f"cannot calibrate block by block: node {node.name} of {names[own]} reads a value "
+                                f"of the later block {names[latest]}; use a method without block-wise calibration "
+                                "(rtn) for this model")
         stage[node] = own
     # free nodes after the last block whose users all come after it too form the suffix
     for node in reversed(free):
@@ -83,7 +87,9 @@ def split_stages(gm: GraphModule) -> list[Stage]:
         env: dict[Node, Node] = {}
         for a in outside:
             env[a] = graph.placeholder(a.name)
-            env[a].meta = dict(a.meta)
+            # the value's metadata, not its producer's plan: a linear's output read by a later
+            # stage must not make that stage's placeholder look like a linear to quantize
+            env[a].meta = {k: v for k, v in a.meta.items() if k != "qfx"}
         for n in members:
             for a in n.all_input_nodes:
                 if a.op == "get_attr" and a not in env:

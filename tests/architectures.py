@@ -150,7 +150,7 @@ def run(model: torch.nn.Module, method: str) -> str:
     found = projections(qmodel)
     missed = [p for p in found if p.status == "unrecognised"]
     rel = float((out - fp).norm() / fp.norm().clamp(min=1e-30))
-    if method == "rtn w8" and (missed and not notes or rel > 0.05):  # silent, or wrong
+    if method == "rtn w8" and (missed and not notes or rel > 0.1):  # silent, or wrong (an expert router may flip)
         return f"error: {len(missed)} unrecognised projections ({len(notes)} warnings), logits off by {rel:.2g}"
     if method.startswith("quarot") and rel > tolerance:
         return f"error: rotated model differs from the original by {rel:.2g} ({model.dtype})"
