@@ -1,9 +1,9 @@
 """Zero-shot accuracy of SmolLM2-135M, full precision and quantized, on every task, full sets.
 
-    python benchmarks/tasks_smollm2.py [--device cuda] [--limit N] [--lambada-file PATH]
+    python benchmarks/zeroshot_smollm2.py [--device cuda] [--limit N] [--lambada-file PATH]
         [--recipes "rtn w4 g64 asym;gptq w4 g64 asym"] [--out benchmarks/results]
 
-Rewrites its one results file, tasks_smollm2.md (and .json): per recipe and task, the
+Rewrites its one results file, zeroshot_smollm2.md (and .json): per recipe and task, the
 metrics lm-evaluation-harness reports, with standard errors, the documents scored and the
 seconds each model took. GPTQ calibrates on wiki-summaries (128 x 2048 tokens, seed 0),
 never on the evaluation data.
@@ -60,7 +60,7 @@ def main() -> None:
 
 
 def write(out: Path, meta: dict, rows: list[dict]) -> None:
-    (out / "tasks_smollm2.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / "zeroshot_smollm2.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
     lines = ["# Zero-shot tasks, SmolLM2-135M (the embedded Instruct Q4_1 GGUF, bf16)", "",
              f"{meta['date']}, {meta['device']}, {versions}.", "", f"    {meta['command']}", "",
@@ -80,7 +80,7 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
             v = r["results"][t]
             cells.append(f"{v[m]:.2f}" if m == "perplexity" else f"{100 * v[m]:.1f} ± {100 * v[m + '_stderr']:.1f}")
         lines.append(f"| {r['model']} | " + " | ".join(cells) + f" | {r['eval_seconds']:.0f} |")
-    (out / "tasks_smollm2.md").write_text("\n".join(lines) + "\n")
+    (out / "zeroshot_smollm2.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
