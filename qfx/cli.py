@@ -510,7 +510,7 @@ def _check_inputs(a: argparse.Namespace) -> None:
     from qfx.io import is_checkpoint
     from qfx.models import check_model_name
 
-    for option, source in (("--eval", getattr(a, "eval_source", None)), ("--calib", getattr(a, "calib", None))):
+    for source in (getattr(a, "eval_source", None), getattr(a, "calib", None)):
         if source is not None:
             check_source(source)
     if getattr(a, "prompt_file", None) and not Path(a.prompt_file).is_file():

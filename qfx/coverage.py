@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from qfx.capture import module_path
+from qfx.capture import get_attr_tensor, module_path
+from qfx.passes.annotate_linears import LinearPlan, is_head
 
 aten = torch.ops.aten
 _PRODUCT_NAMES = ("linear", "mm", "matmul", "einsum")  # bmm, addmm, _grouped_mm, grouped_mm_fallback, ...
@@ -48,8 +49,6 @@ class Projection:
 
 def projections(gm: GraphModule) -> list[Projection]:
     """Every projection weight of `gm` with what the plan does with it, in graph order."""
-    from qfx.passes.annotate_linears import LinearPlan  # annotate imports capture; keep this module light
-
     found: dict[str, Projection] = {}
     for n in gm.graph.nodes:
         if n.op != "get_attr" or not _is_weight(gm, n.target):
@@ -62,8 +61,6 @@ def projections(gm: GraphModule) -> list[Projection]:
                 if isinstance(plan, LinearPlan):
                     status = "quantized"
                 else:
-                    from qfx.passes.annotate_linears import is_head
-
                     status = "head" if is_head(product) else "skipped"
             else:
                 status = "unrecognised"
@@ -96,8 +93,7 @@ def _listed(items: list[Projection], most: int = 4) -> str:
 
 
 def _is_weight(gm: GraphModule, target: str) -> bool:
-    owner_path, _, name = target.rpartition(".")
-    t = getattr(gm.get_submodule(owner_path), name, None)
+    t = get_attr_tensor(gm, target)
     return isinstance(t, torch.Tensor) and t.ndim in (2, 3) and t.is_floating_point()
 
 

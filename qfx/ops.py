@@ -70,31 +70,36 @@ def fake_quantize_activation(x: torch.Tensor, a_bits: int, a_scale: torch.Tensor
     return P.quantize_per_tensor_static(x, a_scale.float(), a_bits).float() * a_scale.float()
 
 
-# CPU weights dequantized once per stored weight: qweight -> (key, weight). Entries go with
-# their qweight; other scales or zero points, or an in-place change to any of the three,
-# make the entry stale.
-_DEQUANTIZED: WeakIdKeyDictionary = WeakIdKeyDictionary()
-# Signed int8 codes (K, N) of symmetric per-channel CPU weights: qweight -> (version, codes).
-_DEQUANTIZED_INT: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# CPU weights unpacked once per stored weight: qweight -> (key, value). Entries go with their
+# qweight; a key that no longer matches (other scales or zero points, or an in-place change to
+# any of them) makes the entry stale.
+_DEQUANTIZED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # float weight (N, K)
+_DEQUANTIZED_INT: WeakIdKeyDictionary = WeakIdKeyDictionary()  # signed int8 codes (K, N)
+
+
+def _cached(store: WeakIdKeyDictionary, qweight: torch.Tensor, key: tuple, build):
+    """`build()`, kept in `store` for CPU tensors outside tracing and autograd while `key` holds
+    (tensors in it compared by identity, other items by value).
+
+    Unpacking costs more than the matmul on the CPU, and the stored tensors of a converted
+    model do not change between calls, so eager CPU evaluation reuses what it unpacked.
+    """
+    if (qweight.device.type != "cpu" or torch.compiler.is_compiling() or torch.is_grad_enabled()
+            or isinstance(qweight, torch._subclasses.FakeTensor)):
+        return build()
+    hit = store.get(qweight)
+    if hit is not None and all(a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(hit[0], key)):
+        return hit[1]
+    value = build()
+    store[qweight] = (key, value)
+    return value
 
 
 def _weight(qweight, w_scale, w_zero, w_bits, group_size, in_features, dtype) -> torch.Tensor:
-    """dequantize_packed(...).to(dtype), cached for CPU tensors outside tracing and autograd.
-
-    Unpacking costs more than the matmul on the CPU, and the stored tensors of a converted
-    model do not change between calls, so eager CPU evaluation reuses the float weight.
-    """
-    cacheable = (qweight.device.type == "cpu" and not torch.compiler.is_compiling()
-                 and not torch.is_grad_enabled() and not isinstance(qweight, torch._subclasses.FakeTensor))
-    if not cacheable:
-        return dequantize_packed(qweight, w_scale, w_zero, w_bits, group_size, in_features).to(dtype)
+    """dequantize_packed(...).to(dtype), cached (see `_cached`)."""
     key = (dtype, qweight._version, w_scale, w_scale._version, w_zero, None if w_zero is None else w_zero._version)
-    hit = _DEQUANTIZED.get(qweight)
-    if hit is not None and all(a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(hit[0], key)):
-        return hit[1]
-    w = dequantize_packed(qweight, w_scale, w_zero, w_bits, group_size, in_features).to(dtype)
-    _DEQUANTIZED[qweight] = (key, w)
-    return w
+    return _cached(_DEQUANTIZED, qweight, key,
+                   lambda: dequantize_packed(qweight, w_scale, w_zero, w_bits, group_size, in_features).to(dtype))
 
 
 def _int_path(qweight, w_zero, w_bits, group_size, a_bits) -> bool:
@@ -108,17 +113,16 @@ def _int_linear(x, qweight, w_scale, bias, w_bits, in_features, a_bits, a_scale,
 
     q_x: per-token (..., K) or static int codes; q_w: signed codes (N, K); s_w: (N, 1).
     """
-    codes = _DEQUANTIZED_INT.get(qweight)
-    if codes is None or codes[0] != qweight._version:
+    def signed_codes_t() -> torch.Tensor:  # (K, N)
         signed = (P.unpack(qweight, w_bits, in_features).to(torch.int16) - (1 << (w_bits - 1))).to(torch.int8)
-        codes = (qweight._version, signed.T.contiguous())  # (K, N)
-        if not torch.compiler.is_compiling() and not isinstance(qweight, torch._subclasses.FakeTensor):
-            _DEQUANTIZED_INT[qweight] = codes
+        return signed.T.contiguous()
+
+    codes_t = _cached(_DEQUANTIZED_INT, qweight, (qweight._version,), signed_codes_t)
     if a_scale is None:
         qx, sx = P.quantize_per_token(x, a_bits, a_clip)
     else:
         qx, sx = P.quantize_per_tensor_static(x, a_scale.float(), a_bits), a_scale.float()
-    acc = torch._int_mm(qx.reshape(-1, in_features), codes[1]).reshape(*x.shape[:-1], -1)
+    acc = torch._int_mm(qx.reshape(-1, in_features), codes_t).reshape(*x.shape[:-1], -1)
     y = acc.float() * sx * w_scale.float().reshape(-1)
     if bias is not None:
         y = y + bias.float()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
+from qfx.capture import get_attr_tensor
 from qfx.passes import finish
 
 aten = torch.ops.aten
@@ -70,7 +71,7 @@ def _attr_uses(gm: GraphModule) -> dict[str, int]:
 def _is_2d_weight(gm: GraphModule, n, uses: dict[str, int]) -> bool:
     if not isinstance(n, Node) or n.op != "get_attr" or uses.get(n.target) != 1:
         return False
-    t = _attr(gm, n.target)
+    t = get_attr_tensor(gm, n.target)
     return isinstance(t, torch.Tensor) and t.ndim == 2 and t.is_floating_point()
 
 
@@ -104,14 +105,10 @@ def _fold_bias_add(gm: GraphModule, lin: Node, uses: dict[str, int]) -> None:
     bias = add.args[1] if add.args[0] is lin else add.args[0]
     if not isinstance(bias, Node) or bias.op != "get_attr" or uses.get(bias.target) != 1:
         return
-    b, w = _attr(gm, bias.target), _attr(gm, lin.args[1].target)
+    b, w = get_attr_tensor(gm, bias.target), get_attr_tensor(gm, lin.args[1].target)
     if not isinstance(b, torch.Tensor) or b.ndim != 1 or b.shape[0] != w.shape[0] or b.dtype != w.dtype:
         return
     lin.args = (*lin.args, bias)
     add.replace_all_uses_with(lin)
     gm.graph.erase_node(add)
 
-
-def _attr(gm: GraphModule, target: str):
-    owner_path, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner_path), name, None)

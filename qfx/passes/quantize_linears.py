@@ -60,16 +60,14 @@ def quantize_weight_tensors(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch
     return out
 
 
-def _model_dtype_scale(w: torch.Tensor, scale: torch.Tensor, zero, spec: QuantSpec, group: int,
-                       importance: torch.Tensor | None = None) -> torch.Tensor:
+def _model_dtype_scale(w: torch.Tensor, scale: torch.Tensor, zero, spec: QuantSpec, group: int) -> torch.Tensor:
     """Int weight scales (N, G): as they are, or, when the spec stores them in the model dtype,
     the representable scale next to each that reconstructs its group best (`P.representable_scale`)."""
     if spec.scale_dtype != "model" or w.dtype in (torch.float32, torch.float64):
         return scale
     g = group or w.shape[-1]
-    imp = None if importance is None else P.to_groups(importance.reshape(1, -1).to(w.device, torch.float32), g)
     best = P.representable_scale(P.to_groups(w.float(), g), scale.unsqueeze(-1), None if zero is None else
-                                 zero.unsqueeze(-1), spec.bits, w.dtype, imp)
+                                 zero.unsqueeze(-1), spec.bits, w.dtype)
     return best.squeeze(-1)
 
 
