@@ -90,6 +90,8 @@ def test_batched_loglikelihoods_equal_one_request_at_a_time(smollm2, max_length)
 
     requests = [(ITEMS["piqa"](d).requests[i]) for d in itertools.islice(documents("piqa"), 3) for i in (0, 1)]
     requests += [("", " hello"), ("Short ", "one")]
+    requests += [r for d in itertools.islice(documents("boolq"), 2) for r in ITEMS["boolq"](d).requests]
+    requests += [("Short ", "one"), ("Short one", " two"), ("Short", " one two")]  # rows shared three ways
     with torch.no_grad():
         got = loglikelihoods(logits, tok, requests, batch_size=3, max_length=max_length, progress=False)
         want = _one_at_a_time(logits, tok, requests, max_length)

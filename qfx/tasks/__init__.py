@@ -3,6 +3,7 @@ scored as lm-evaluation-harness scores them: `evaluate_tasks(model, tokenizer, t
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 from qfx.tasks.data import TaskDataError, check_installed, documents
-from qfx.tasks.scoring import loglikelihoods
+from qfx.tasks.scoring import encode, loglikelihoods
 from qfx.tasks.templates import ITEMS, METRICS, TASKS
 
 __all__ = ["TASKS", "TaskDataError", "check_tasks", "evaluate", "evaluate_tasks"]
@@ -49,12 +50,19 @@ def evaluate_tasks(model: Callable[[torch.Tensor], torch.Tensor], tokenizer, tas
     check_tasks(tasks)
     out = {}
     for task in tasks:
-        docs = documents(task, lambada_file)
-        items = [ITEMS[task](d) for d in itertools.islice(docs, limit)]
-        requests = [r for item in items for r in item.requests]
-        scores = loglikelihoods(model, tokenizer, requests, batch_size, max_length, device, progress, task)
+        items, requests, encoded = _requests(task, limit, lambada_file, tokenizer)
+        scores = loglikelihoods(model, tokenizer, requests, batch_size, max_length, device, progress, task, encoded)
         out[task] = _metrics(task, items, scores)
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def _requests(task: str, limit: int | None, lambada_file: str | None, tokenizer):
+    """(documents as items, their requests, the requests' tokens): read and tokenized once per
+    tokenizer, since comparing models evaluates the same requests again and again."""
+    items = [ITEMS[task](d) for d in itertools.islice(documents(task, lambada_file), limit)]
+    requests = [r for item in items for r in item.requests]
+    return items, requests, [encode(tokenizer, c, x) for c, x in requests]
 
 
 def _metrics(task: str, items, scores) -> dict[str, float]:
