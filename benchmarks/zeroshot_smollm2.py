@@ -3,12 +3,16 @@ by each method at W8A8, W4A16 g64 and W4A8 g64 (and W4A4 for the rotations), ful
 
     python benchmarks/zeroshot_smollm2.py [--device cuda] [--cells "rtn@W8A8;gptq@W4A16 g64"]
         [--compiled "rtn@W4A16 g64"] [--merge] [--limit N] [--out benchmarks/results]
+        [--shard I/N --no-fp]                     # one of N workers sharing a GPU
+    python benchmarks/zeroshot_smollm2.py --join W0/zeroshot_smollm2.json W1/... [--merge]
 
 Rewrites its one results file, zeroshot_smollm2.md (and .json): per cell the perplexity, each
 task's metrics as lm-evaluation-harness reports them (with standard errors), the average of
 the headline accuracies, and the seconds quantizing and evaluating took. --merge keeps the
 rows of cells this run does not evaluate (the grid does not fit one 10-minute run); every row
-records the run it came from. --compiled also evaluates those cells compiled with
+records the run it came from. A 135M model leaves the GPU mostly idle between launches, so
+N workers (--shard I/N, every N-th cell from the I-th) each writing their own --out, joined
+afterwards with --join, cover the grid in about 1/N of the time. --compiled also evaluates those cells compiled with
 backend="qfx" (Triton kernels on CUDA) and records how far each metric moved from eager.
 Calibration: wiki-summaries (128 x 2048 tokens, seed 0), never the evaluation data.
 """
@@ -56,6 +60,10 @@ def main() -> None:
     ap.add_argument("--cells", default=";".join(GRID), help="semicolon-separated method@setting")
     ap.add_argument("--compiled", default="", help="cells to evaluate compiled too")
     ap.add_argument("--merge", action="store_true", help="keep the rows of other cells from the results file")
+    ap.add_argument("--shard", default="0/1", help="I/N: evaluate every N-th cell starting at the I-th")
+    ap.add_argument("--fp", action=argparse.BooleanOptionalAction, default=True,
+                    help="evaluate full precision (--no-fp: another worker does)")
+    ap.add_argument("--join", nargs="+", metavar="JSON", help="combine workers' results files into --out and exit")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lambada-file", default=str(ROOT.parent / "shared" / "data" / "lambada_openai.jsonl"))
@@ -63,7 +71,13 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=None, help="default: all")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = ap.parse_args()
-    cells = [c for c in a.cells.split(";") if c]
+    path = Path(a.out) / "zeroshot_smollm2.json"
+    old = json.loads(path.read_text()) if a.merge and path.exists() else {"runs": [], "rows": []}
+    if a.join:
+        write(path, join([old] + [json.loads(Path(f).read_text()) for f in a.join]))
+        return
+    shard, shards = (int(x) for x in a.shard.split("/"))
+    cells = [c for c in a.cells.split(";") if c][shard::shards]
     compiled = [c for c in a.compiled.split(";") if c]
     model, tok = load_hf(a.model, torch.bfloat16, a.device, progress=False)
     calib = calibration_samples(tokenize(read_text("wiki-summaries"), tok), 128, 2048, 0).split(8)
@@ -72,10 +86,8 @@ def main() -> None:
            "device": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu",
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
            "command": "python " + shlex.join(sys.argv), "limit": a.limit, "eval_windows": int(windows.shape[0])}
-    path = Path(a.out) / "zeroshot_smollm2.json"
-    old = json.loads(path.read_text()) if a.merge and path.exists() else {"runs": [], "rows": []}
     runs = old["runs"] + [run]
-    rows = {r["cell"]: r for r in old["rows"]}
+    rows = {(r["cell"], r["mode"]): r for r in old["rows"]}
 
     def evaluate(m, cell: str, quantize_s: float, mode: str) -> dict:
         t = time.time()
@@ -87,24 +99,39 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         return row
 
-    if "full precision" not in rows or not a.merge:
-        rows["full precision"] = evaluate(lambda ids: model(ids).logits, "full precision", 0.0, "eager")
+    if a.fp and ("full precision", "eager") not in rows:
+        rows["full precision", "eager"] = evaluate(lambda ids: model(ids).logits, "full precision", 0.0, "eager")
+        write(path, {"runs": runs, "rows": list(rows.values())})
     for cell in cells:
         t = time.time()
         q = qfx.quantize(model, recipe(cell), calib=calib, device=a.device, progress=False)
         quantize_s = time.time() - t
-        rows[cell] = evaluate(q, cell, quantize_s, "eager")
+        rows[cell, "eager"] = evaluate(q, cell, quantize_s, "eager")
         if cell in compiled:
             torch._dynamo.reset()
-            rows[cell + " compiled"] = evaluate(torch.compile(q, backend="qfx", dynamic=True), cell, quantize_s,
+            rows[cell, "compiled"] = evaluate(torch.compile(q, backend="qfx", dynamic=True), cell, quantize_s,
                                                 "compiled")
         del q
         write(path, {"runs": runs, "rows": list(rows.values())})
 
 
+def join(parts: list[dict]) -> dict:
+    """One results dict from several: runs concatenated, each row's run index moved with its file's
+    runs; a later file's row replaces an earlier one of the same cell and mode."""
+    runs, rows = [], {}
+    for part in parts:
+        for r in part["rows"]:
+            rows[(r["cell"], r["mode"])] = {**r, "run": r["run"] + len(runs)}
+        runs += part["runs"]
+    return {"runs": runs, "rows": list(rows.values())}
+
+
 def write(path: Path, data: dict) -> None:
     """The .json and its table; a '## Notes' section already in the .md is kept."""
-    path.write_text(json.dumps(data, indent=1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")  # a reader never sees half a file
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
     md = path.with_suffix(".md")
     notes = md.read_text().partition("\n## Notes")[2] if md.exists() else ""
     order = ["full precision", *GRID]
@@ -115,7 +142,8 @@ def write(path: Path, data: dict) -> None:
              "than published base-model numbers); every other row quantizes that model.", ""]
     for i, run in enumerate(data["runs"]):
         versions = ", ".join(f"{k} {v}" for k, v in run["versions"].items())
-        lines += [f"Run {i}: {run['date']}, {run['device']}, {versions}.", "", f"    {run['command']}", ""]
+        lines.append(f"- Run {i}: {run['date']}, {run['device']}, {versions}: `{run['command']}`")
+    lines.append("")
     limits = {run["limit"] for run in data["runs"]}
     lines += [f"- Documents: {'all' if limits == {None} else 'the first ' + str(limits)} of each task (PIQA, BoolQ, "
               "WinoGrande, HellaSwag validation; ARC test; LAMBADA OpenAI test); prompts and metrics as "
@@ -137,8 +165,10 @@ def write(path: Path, data: dict) -> None:
                      f"{r['run']} |")
     fp = next((r for r in rows if r["cell"] == "full precision"), None)
     if fp:
-        lines += ["", "Standard errors of the full-precision row (points; the quantized rows' are within 0.1 of "
-                  "these): " + ", ".join(f"{t} {100 * fp['results'][t][m + '_stderr']:.1f}"
+        spread = max(abs(r["results"][t][m + "_stderr"] - fp["results"][t][m + "_stderr"])
+                     for r in rows for t, m in HEADLINE.items())
+        lines += ["", f"Standard errors of the full-precision row (points; every other row's are within "
+                  f"{100 * spread:.1f} of these): " + ", ".join(f"{t} {100 * fp['results'][t][m + '_stderr']:.1f}"
                                         for t, m in HEADLINE.items()) + "."]
     md.write_text("\n".join(lines) + "\n" + ("\n## Notes" + notes if notes else ""))
 
