@@ -10,6 +10,7 @@ source graph alone. Values crossing stages are named by the source node that pro
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from torch.fx import Graph, GraphModule, Node
@@ -37,7 +38,9 @@ def assign_stages(gm: GraphModule) -> tuple[dict[Node, int], list[str]]:
     """Stage index of each computing node, and the stage names.
 
     Block nodes go to their block's stage; any other node to the latest stage among its
-    inputs, except that nodes after the last block form the suffix.
+    inputs, except that nodes after the last block form the suffix. A graph whose blocks do
+    not run in order (a node of one block reads a later block's value) is one stage, with a
+    warning naming the node.
     """
     blocks = [b.path for b in decoder_blocks(gm)]
     names = ["prefix", *blocks, "suffix"]
@@ -53,12 +56,12 @@ def assign_stages(gm: GraphModule) -> tuple[dict[Node, int], list[str]]:
         if own is None:
             own = latest
             free.append(node)
-        if own < latest:
-            from qfx.pipeline import QuantizeError
-
-            raise QuantizeError(f"cannot calibrate block by block: node {node.name} of {names[own]} reads a value "
-                                f"of the later block {names[latest]}; use a method without block-wise calibration "
-                                "(rtn) for this model")
+        if own < latest:  # e.g. a looped model running its first blocks again after later ones
+            warnings.warn(f"cannot calibrate block by block: node {node.name} of {names[own]} reads a value of the "
+                          f"later block {names[latest]}; calibrating the whole model as one stage (every linear's "
+                          "statistics held at once)", stacklevel=3)
+            return {n: 1 for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr", "output")}, \
+                ["prefix", "whole model"]
         stage[node] = own
     # free nodes after the last block whose users all come after it too form the suffix
     for node in reversed(free):

@@ -60,3 +60,9 @@ def test_every_method_runs_or_refuses_in_one_line(model_type, method):
         assert outcome == "ok" or model_type in ("gemma2", "olmo2", "opt"), outcome
     else:
         assert outcome.startswith("ok"), outcome
+
+
+def test_quarot_unties_an_embedding_that_a_head_reads_behind_a_norm_of_its_own():
+    # XLM-RoBERTa-XL's decoder shares the word embedding but reads lm_head.layer_norm, not the
+    # stream: centring and rotating the embedding must not reach the decoder's weight
+    assert run(tiny_model_of("xlm-roberta-xl"), "quarot (float64, exact)") == "ok"

@@ -37,3 +37,17 @@ def test_stages_in_order_compute_the_graph(config):
     (q,) = [n for n in block.graph.nodes if n.op == "get_attr" and n.target.endswith("q_proj.weight")]
     assert getattr(block, q.target.replace(".", "_"), None) is None
     assert block.get_parameter(q.target) is gm.get_parameter(q.target)
+
+
+def test_blocks_that_do_not_run_in_order_make_one_stage_with_a_warning():
+    from tests.architectures import tiny_model_of
+
+    model = tiny_model_of("dory")  # loops: its recurrent blocks run again after later ones
+    gm = capture(model)
+    with pytest.warns(UserWarning, match="reads a value of the later block .* as one stage"):
+        stages = split_stages(gm)
+    assert [s.name for s in stages] == ["whole model"]
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    (logits_node,) = out_node.args[0] if isinstance(out_node.args[0], (tuple, list)) else (out_node.args[0],)
+    torch.testing.assert_close(_run(stages, ids)[logits_node.name], gm(ids), rtol=0, atol=0)

@@ -37,14 +37,14 @@ def checked_stream(gm: GraphModule) -> Stream:
 
 
 def untie_embeddings(gm: GraphModule, stream: Stream) -> int:
-    """Give each embedding whose table is also a linear's weight a get_attr of its own
-    (holding the same tensor until one of them is rewritten). Returns how many were untied."""
-    linear_weights = {w.args[1].target for w in stream.writers} | {r.args[1].target for n in stream.norms
-                                                                   for r in n.readers}
+    """Give each embedding whose table anything else reads (a tied LM head, on the stream or
+    behind a head of its own as in XLM-RoBERTa-XL) a get_attr of its own, holding the same
+    tensor until one of them is rewritten. Returns how many were untied."""
     untied = 0
     for emb in stream.embeddings:
         shared = emb.args[0].target
-        if shared not in linear_weights:
+        if not any(u is not emb for n in gm.graph.nodes if n.op == "get_attr" and n.target == shared
+                   for u in n.users):
             continue
         own = f"{module_path(emb) or emb.name}.weight"
         if own == shared:
