@@ -7,7 +7,8 @@
 
 Each qfx cell is one `qfx quantize ... --json` process (so its peak memory is its own); each
 llm-compressor cell one `benchmarks/peer_llmcompressor.py` process on the same calibration
-samples and evaluation windows. Rows go to accuracy_smollm2[_<tag>].json (a list of rows:
+samples and evaluation windows. Rows go to accuracy_smollm2[_<tag>].json (rotation_smollm2 for
+--grid rotation, accuracy_smollm2_cpu for --grid cpu) (a list of rows:
 tool, method, setting, ppl, ppl_fp, eval_windows, calib_samples, calib_seconds, peak_mem_mb,
 device) and a Markdown table beside it, rewritten after every cell.
 """
@@ -51,6 +52,8 @@ GRIDS = {
     + [(m, "W4A8 g64 sym") for m in ("rtn", "gptq", "gptaq", "quarot,gptq", "spinquant,gptq")]
     + [(m, s) for s in ("W16A16 KV4", "W16A16 KV4 g32") for m in ("rtn", "quarot")],
 }
+# each grid's result files under --out (a --tag is appended)
+STEMS = {"full": "accuracy_smollm2", "cpu": "accuracy_smollm2_cpu", "rotation": "rotation_smollm2"}
 # the llm-compressor recipe standing for each qfx method (see peer_llmcompressor.py)
 PEER_METHODS = {"rtn": "rtn", "gptq": "gptq", "awq": "awq", "smoothquant": "smoothquant",
                 "smoothquant,gptq": "smoothquant,gptq", "quarot": "quarot", "quarot,gptq": "quarot,gptq"}
@@ -103,7 +106,7 @@ def common_args(a) -> list[str]:
 def write(rows: list[dict], a, header: dict) -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "accuracy_smollm2" + (f"_{a.tag}" if a.tag else "")
+    stem = STEMS[a.grid] + (f"_{a.tag}" if a.tag else "")
     (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
     (out / f"{stem}_meta.json").write_text(json.dumps(header, indent=1))
     ppl_fp = next((r["ppl_fp"] for r in rows if r.get("ppl_fp")), None)
@@ -119,7 +122,10 @@ def write(rows: list[dict], a, header: dict) -> None:
         method = r["method"] + (f" ({r['run']})" if r.get("run") else "")
         lines.append(f"| {r['setting']} | {method} | {r['tool']} | {r['ppl']:.3f} | {gap} | "
                      f"{r['calib_seconds']:.0f} | {r['peak_mem_mb']:.0f} |")
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    md = out / f"{stem}.md"
+    old = md.read_text() if md.exists() else ""
+    notes = old[old.index("\n## Notes"):] if "\n## Notes" in old else ""  # written by hand about the run
+    md.write_text("\n".join(lines) + "\n" + notes)
 
 
 def merge(a) -> None:
