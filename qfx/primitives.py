@@ -8,7 +8,7 @@ Conventions (the GPTQ / compressed-tensors ones):
   both ends of the range on a code without clipping either (torchao's
   MappingType.SYMMETRIC_NO_CLIPPING_ERR). The other common rule, s = max|w| / ((qmax - qmin) / 2)
   (compressed-tensors, torchao's SYMMETRIC), clips a positive maximum to qmax / (qmax + 0.5) of
-  itself; on SmolLM2-135M at int4 g64 it gave RTN a 4 % worse perplexity
+  itself, which made RTN's int4 g64 perplexity of SmolLM2-135M worse
   (benchmarks/results/rtn_scale_sensitivity_cpu.md).
   Dynamic per-token activations (`quantize_per_token`, and the kernels) keep
   s = max|x| / ((qmax - qmin) / 2).

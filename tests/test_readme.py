@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -20,15 +22,23 @@ def test_readme_opens_with_two_setup_commands():
     assert (ROOT / "README.md").read_text().index(tests) < (ROOT / "README.md").read_text().index("## ")
 
 
+def test_the_readme_is_a_short_front_door_and_its_pages_exist():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 180
+    for page in re.findall(r"`((?:docs/[\w-]+|ARCHITECTURE|benchmarks/README)\.md)`", text):
+        assert (ROOT / page).is_file(), page
+
+
 def test_ci_runs_the_readme_test_command_verbatim():
     assert _commands()[1] in (ROOT / ".ci" / "run").read_text()
 
 
-def test_the_use_example_defines_every_name_it_uses():
+@pytest.mark.parametrize("page, heading", [("README.md", "## Use"), ("docs/api.md", "# The Python API")])
+def test_the_use_examples_define_every_name_they_use(page, heading):
     import ast
     import builtins
 
-    block = re.search(r"## Use\n\n```python\n(.+?)\n```", (ROOT / "README.md").read_text(), re.S).group(1)
+    block = re.search(heading + r"\n\n```python\n(.+?)\n```", (ROOT / page).read_text(), re.S).group(1)
     tree = ast.parse(block)
     defined = set(dir(builtins))
     for statement in tree.body:  # in order: a name must be bound before a later statement reads it

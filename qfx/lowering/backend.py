@@ -25,7 +25,7 @@ patches. What happened is recorded in `gm.meta["qfx"]` of the graph handed over.
 Inductor's `emulate_precision_casts` defaults to True here (pass False to turn it off): fused
 bf16/fp16 ops then round their intermediates as eager does. Left off, Inductor keeps them in
 float32, and a per-token activation quantizer downstream sees slightly different inputs; with
-fp8 activations behind QuaRot rotations that alone moved SmolLM2's perplexity by 0.25 % from
+fp8 activations behind QuaRot rotations that alone moved SmolLM2's perplexity measurably from
 eager (`benchmarks/results/compiled_vs_eager.md`).
 """
 

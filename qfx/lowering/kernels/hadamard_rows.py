@@ -20,9 +20,8 @@ A program builds H_C and L^T once and loops over tiles. For R = 1 a tile is up t
 (64 under TF32x3), one product 128 x C x C. For R > 1 it is one x row as an (RP, C) view (RP = R
 rounded up to a power of two, at least 16), products RP x C x C and RP x RP x C: several x rows
 per tile would need L^T repeated along a block diagonal, whose zero blocks cost tensor-core
-products too (for 4096, 4 rows of 32 x 128 and a 128 x 128 L^T: the rotated W8A8 qkv GEMM at
-M = 2048 took 122.6 µs on an H100, against 106.5 µs with one row per tile and the next tile
-prefetched; benchmarks/results/kernels.md). The launch (warps, pipeline stages, programs per
+products too (for 4096, 4 rows of 32 x 128 and a 128 x 128 L^T: slower than one row per tile
+with the next tile prefetched, as measured in benchmarks/results/kernels.md). The launch (warps, pipeline stages, programs per
 SM) is timed per size and M bucket from `candidates`, as the GEMMs' configs are.
 
 When L = M (x) H_Q with an m x m factor M and Q = 2 or 4 (14336 = 28 x 4 x 128, 5120 =
@@ -278,9 +277,9 @@ def supported(n: int, dtype: torch.dtype = torch.bfloat16) -> tuple[bool, str]:
 def candidates(tile_elements: int) -> list[Config]:
     """Launch configs of the persistent kernel: warps, pipeline stages, and programs per SM (in
     `group_m`; the tile sizes are fixed by the rotation's size). The first is the untimed
-    default. Each of the others was the fastest for some size on an H100: 8 warps, 3 stages and
-    one program per SM took K = 14336 at M = 2048 from 114.7 to 88.7 µs; 4 warps, 3 stages and
-    4 per SM took K = 4096 from 25.6 to 23.3 µs."""
+    default. Each of the others was the fastest for some size on an H100 (8 warps, 3 stages and
+    one program per SM for the long rows of K = 14336; 4 warps, 3 stages and 4 per SM for
+    K = 4096)."""
     warps = 8 if tile_elements >= 8192 else 4
     return [Config(0, 0, 0, num_warps=w, num_stages=st, group_m=per_sm) for w, st, per_sm in
             [(warps, 2, 4), (8, 3, 1), (4, 3, 4), (4, 1, 2), (8, 3, 2)]]
@@ -349,10 +348,3 @@ def hadamard_quantize_rows(x2: torch.Tensor, mix: torch.Tensor | None, fp8: bool
     scale = torch.empty((x2.shape[0],), device=x2.device, dtype=torch.float32)
     _launch(x2, mix, q, scale, fp8)
     return q, scale
-
-
-def hadamard_rows_ref(x: torch.Tensor) -> torch.Tensor:
-    """The kernel's function in plain PyTorch (`qfx.ops.hadamard_ref`)."""
-    from qfx.ops import hadamard_ref
-
-    return hadamard_ref(x)

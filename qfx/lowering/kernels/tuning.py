@@ -8,9 +8,8 @@ Under the Triton interpreter, or with `QFX_TUNE=0`, the first candidate runs wit
 
 Each candidate is timed as a CUDA-graph replay of one call, after flushing the L2 cache: the
 GPU time of the kernels alone, with cold weights, as a decode step that replays a CUDA graph
-sees them. Timing plain launches (`triton.testing.do_bench`) measured 25-180 µs for kernels
-that take 7-30 µs on an H100, because the Python launch outlasts the kernel, and ranked the
-configs by that noise.
+sees them. Timing plain launches (`triton.testing.do_bench`) measures the Python launch, which
+outlasts kernels of a few microseconds, and ranks the configs by that noise.
 """
 
 from __future__ import annotations
