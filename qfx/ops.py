@@ -7,6 +7,8 @@ holding it trace, compile and export.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -14,6 +16,28 @@ from qfx import primitives as P
 
 # Activation bits value meaning "activations are not quantized".
 NO_ACT_QUANT = 16
+
+
+class QuantizedLinearArgs(NamedTuple):
+    """The arguments of a `qfx::quantized_linear` call by name (graph nodes or constants), in
+    the op's order: read a node with `QuantizedLinearArgs.of(node)`, build one with
+    `call_function(op, tuple(QuantizedLinearArgs(...)))`."""
+
+    x: Any
+    qweight: Any
+    w_scale: Any
+    w_zero: Any
+    bias: Any
+    w_bits: int
+    group_size: int
+    in_features: int
+    a_bits: int
+    a_scale: Any
+    a_clip: float = 1.0
+
+    @classmethod
+    def of(cls, node) -> "QuantizedLinearArgs":
+        return cls(*node.args, **node.kwargs)
 
 
 @torch.library.custom_op("qfx::quantized_linear", mutates_args=())

@@ -21,7 +21,7 @@ import torch
 from torch.fx import GraphModule
 
 from qfx.formats import quantized_layers
-from qfx.ops import dequantize_packed, quantized_linear_ref
+from qfx.ops import QuantizedLinearArgs, dequantize_packed, quantized_linear_ref
 
 MAX_ROWS = 4096  # input rows kept per layer: enough for stable statistics, bounded memory
 
@@ -69,12 +69,13 @@ def layer_report(fp_model: torch.nn.Module, qmodel: GraphModule, batches) -> lis
             w = w.t()  # Conv1D stores (in, out)
         plan = layer.plan
         a_bits = 16 if plan.act is None else plan.act.bits
-        args = (layer.qweight.cpu(), layer.w_scale.cpu(), None if layer.w_zero is None else layer.w_zero.cpu(), None,
-                plan.weight.bits, plan.weight.group_size or 0, plan.in_features, a_bits,
-                None if layer.a_scale is None else layer.a_scale.cpu())
-        w_q = dequantize_packed(args[0], args[1], args[2], plan.weight.bits, args[5], plan.in_features)
+        op = QuantizedLinearArgs(x, layer.qweight.cpu(), layer.w_scale.cpu(),
+                                 None if layer.w_zero is None else layer.w_zero.cpu(), None, w_bits=plan.weight.bits,
+                                 group_size=plan.weight.group_size or 0, in_features=plan.in_features, a_bits=a_bits,
+                                 a_scale=None if layer.a_scale is None else layer.a_scale.cpu())
+        w_q = dequantize_packed(op.qweight, op.w_scale, op.w_zero, op.w_bits, op.group_size, op.in_features)
         y_fp = x @ w.t()
-        y_q = quantized_linear_ref(x, *args).float()
+        y_q = quantized_linear_ref(*op).float()
         cos = torch.nn.functional.cosine_similarity(y_fp.flatten().double(), y_q.flatten().double(), dim=0)
         rms = x.pow(2).mean().sqrt()
         rows.append({

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch.fx import GraphModule
 
 from qfx.capture import get_attr_tensor
+from qfx.ops import QuantizedLinearArgs
 from qfx.passes.annotate_linears import LinearPlan
 
 QOP = torch.ops.qfx.quantized_linear.default
@@ -48,9 +49,9 @@ def quantized_layers(gm: GraphModule) -> list[QuantizedLayer]:
         if not isinstance(plan, LinearPlan):
             raise ExportError(f"quantized op {n.name} carries no plan; export a model from qfx.quantize / qfx.load")
         fetch = lambda a: None if a is None else get_attr_tensor(gm, a.target)  # noqa: E731
-        _x, qw, ws, wz, bias, *_rest = n.args
-        a_scale = n.args[9]
-        layers.append(QuantizedLayer(plan.path, plan, fetch(qw), fetch(ws), fetch(wz), fetch(a_scale), bias is not None))
+        a = QuantizedLinearArgs.of(n)
+        layers.append(QuantizedLayer(plan.path, plan, fetch(a.qweight), fetch(a.w_scale), fetch(a.w_zero),
+                                     fetch(a.a_scale), a.bias is not None))
     return layers
 
 

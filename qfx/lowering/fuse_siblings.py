@@ -21,6 +21,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qfx.lowering.constant_inputs import ConstantInputs
+from qfx.lowering.kernel_op import KernelLinearArgs
 from qfx.lowering.lower_kernels import KERNEL_LINEAR, tensor_behind
 
 
@@ -30,21 +31,22 @@ def _sibling_groups(gm: GraphModule, inputs: dict[Node, torch.Tensor]) -> list[l
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target != KERNEL_LINEAR:
             continue
-        x, data, _scale, zero, _bias, a_scale, kernel, bits, group, _n, k, *mix = node.args
-        key = (x, kernel, bits, group, k, inputs[data].dtype, zero is None, a_scale, *mix)
+        a = KernelLinearArgs.of(node)
+        key = (a.x, a.kernel, a.bits, a.group, a.k, inputs[a.data].dtype, a.zero is None, a.a_scale, a.mix)
         groups[key].append(node)
     return [nodes for nodes in groups.values() if len(nodes) > 1]
 
 
 def _concat_bias(nodes: list[Node], inputs, gm) -> torch.Tensor | None:
     """The siblings' biases end to end, zeros for those without one (None if none has one)."""
-    biases = [tensor_behind(n.args[4], inputs, gm) for n in nodes]
+    args = [KernelLinearArgs.of(n) for n in nodes]
+    biases = [tensor_behind(a.bias, inputs, gm) for a in args]
     present = [b for b in biases if b is not None]
     if not present:
         return None
     ref = present[0]
-    return torch.cat([(torch.zeros(n.args[9], dtype=ref.dtype, device=ref.device) if b is None else b.to(ref.dtype))
-                      for n, b in zip(nodes, biases)])
+    return torch.cat([(torch.zeros(a.n, dtype=ref.dtype, device=ref.device) if b is None else b.to(ref.dtype))
+                      for a, b in zip(args, biases)])
 
 
 def fuse_sibling_kernels(gm: GraphModule, example_inputs, constants: ConstantInputs) -> dict[str, int]:
@@ -54,13 +56,14 @@ def fuse_sibling_kernels(gm: GraphModule, example_inputs, constants: ConstantInp
     inputs = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs))
     replaced = made = 0
     for nodes in _sibling_groups(gm, inputs):
-        x, data0, _, zero0, _, a_scale, kernel, bits, group, _, k, *mix = nodes[0].args
-        rows_layout = inputs[data0].dtype != torch.int32  # "rows": (N, K); "packed": (K / per_word, N)
-        data = torch.cat([inputs[n.args[1]] for n in nodes], dim=0 if rows_layout else 1)
-        scale = torch.cat([inputs[n.args[2]] for n in nodes], dim=1)  # (G, N)
-        zero = None if zero0 is None else torch.cat([inputs[n.args[3]] for n in nodes], dim=1)
+        args = [KernelLinearArgs.of(n) for n in nodes]
+        first = args[0]
+        rows_layout = inputs[first.data].dtype != torch.int32  # "rows": (N, K); "packed": (K / per_word, N)
+        data = torch.cat([inputs[a.data] for a in args], dim=0 if rows_layout else 1)
+        scale = torch.cat([inputs[a.scale] for a in args], dim=1)  # (G, N)
+        zero = None if first.zero is None else torch.cat([inputs[a.zero] for a in args], dim=1)
         bias = _concat_bias(nodes, inputs, gm)
-        widths = [n.args[9] for n in nodes]
+        widths = [a.n for a in args]
         tag = f"_qfx_fused_{made}"
         fields = [constants.add(f"{tag}_{f}", t) for f, t in (("data", data), ("scale", scale), ("zero", zero),
                                                               ("bias", bias))]
@@ -68,8 +71,9 @@ def fuse_sibling_kernels(gm: GraphModule, example_inputs, constants: ConstantInp
             if node is not None:
                 inputs[node] = t
         with gm.graph.inserting_before(nodes[0]):  # after x; before every sibling's users
-            fused = gm.graph.call_function(KERNEL_LINEAR, (x, *fields, a_scale, kernel, bits, group, sum(widths), k,
-                                                           *mix))
+            data_node, scale_node, zero_node, bias_node = fields
+            fused = gm.graph.call_function(KERNEL_LINEAR, tuple(first._replace(
+                data=data_node, scale=scale_node, zero=zero_node, bias=bias_node, n=sum(widths))))
             starts = [sum(widths[:i]) for i in range(len(nodes))]
             views = [gm.graph.call_function(torch.narrow, (fused, -1, s, w)) for s, w in zip(starts, widths)]
         for node, view in zip(nodes, views):

@@ -12,11 +12,35 @@ an extern call; its fake implementation gives the output shape for tracing.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 
 from qfx.lowering.kernels.layout import KernelWeight
 
 KERNELS = ("wint_a16", "act_quant", "hadamard_act_quant")
+
+
+class KernelLinearArgs(NamedTuple):
+    """The arguments of a `qfx::kernel_linear` call by name, in the op's order (see
+    `qfx.ops.QuantizedLinearArgs`)."""
+
+    x: Any
+    data: Any
+    scale: Any
+    zero: Any
+    bias: Any
+    a_scale: Any
+    kernel: str
+    bits: int
+    group: int
+    n: int
+    k: int
+    mix: Any = None
+
+    @classmethod
+    def of(cls, node) -> "KernelLinearArgs":
+        return cls(*node.args, **node.kwargs)
 
 
 def as_kernel_weight(data, scale, zero, bits: int, group: int, n: int, k: int) -> KernelWeight:

@@ -23,9 +23,10 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qfx.lowering.constant_inputs import ConstantInputs
+from qfx.lowering.kernel_op import KernelLinearArgs
 from qfx.lowering.kernels import act_quant_gemm, hadamard_rows, split_k, wint_a16
 from qfx.lowering.kernels.layout import kernel_weight
-from qfx.ops import NO_ACT_QUANT
+from qfx.ops import NO_ACT_QUANT, QuantizedLinearArgs
 
 QUANTIZED_LINEAR = torch.ops.qfx.quantized_linear.default
 KERNEL_LINEAR = torch.ops.qfx.kernel_linear.default
@@ -90,35 +91,38 @@ def lower_kernels(gm: GraphModule, example_inputs, constants: ConstantInputs) ->
     lowered, fused_rotations, unsupported = 0, 0, []
     mixes = _Mixes(constants)
     for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target == QUANTIZED_LINEAR]:
-        x, qw, w_scale, w_zero, bias, w_bits, group_size, in_features, a_bits, a_scale, *rest = node.args
-        if rest and rest[0] != 1.0:
-            unsupported.append(f"{node.name}: activation clip ratio {rest[0]} has no kernel yet")
+        a = QuantizedLinearArgs.of(node)
+        x, w_bits, group_size = a.x, a.w_bits, a.group_size
+        if a.a_clip != 1.0:
+            unsupported.append(f"{node.name}: activation clip ratio {a.a_clip} has no kernel yet")
             continue
-        qweight = tensor_behind(qw, inputs, gm)
+        qweight = tensor_behind(a.qweight, inputs, gm)
         if not qweight.is_cuda and not _interpreting():
             unsupported.append(f"{node.name}: weights on {qweight.device}, kernels run on CUDA")
             continue
-        zero = tensor_behind(w_zero, inputs, gm)
-        kernel, why = choose_kernel(w_bits, group_size, zero, a_bits, qweight.dtype == torch.float8_e4m3fn,
+        zero = tensor_behind(a.w_zero, inputs, gm)
+        kernel, why = choose_kernel(w_bits, group_size, zero, a.a_bits, qweight.dtype == torch.float8_e4m3fn,
                                     _x_dtype(node))
         if kernel is None:
             unsupported.append(f"{node.name}: {why}")
             continue
         int8_rows = kernel == "act_quant" and w_bits == 8 and qweight.dtype == torch.uint8
-        kw = kernel_weight(qweight, tensor_behind(w_scale, inputs, gm), zero, w_bits, group_size, in_features, int8_rows)
+        kw = kernel_weight(qweight, tensor_behind(a.w_scale, inputs, gm), zero, w_bits, group_size, a.in_features,
+                           int8_rows)
         check = wint_a16.supported if kernel == "wint_a16" else act_quant_gemm.supported
         if not check(kw):
             unsupported.append(f"{node.name}: shape not supported by {kernel}")
             continue
         split_k.counters(kw.data.device)  # made now: made during a CUDA-graph warm-up it would sit in the graph's pool
         attrs = {f: constants.add(f"_qfx_kernel_{lowered}_{f}", getattr(kw, f)) for f in ("data", "scale", "zero")}
-        extra = ()
+        mix = None
         if kernel == "act_quant" and _is_hadamard(x) and hadamard_rows.supported(kw.k, _x_dtype(node))[0]:
-            kernel, extra, x = "hadamard_act_quant", (mixes.get(kw.k, kw.data.device),), x.args[0]
+            kernel, mix, x = "hadamard_act_quant", mixes.get(kw.k, kw.data.device), x.args[0]  # x before the rotation
             fused_rotations += 1
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(KERNEL_LINEAR, (x, attrs["data"], attrs["scale"], attrs["zero"], bias, a_scale,
-                                                        kernel, kw.bits, kw.group, kw.n, kw.k, *extra))
+            new = gm.graph.call_function(KERNEL_LINEAR, tuple(KernelLinearArgs(
+                x, attrs["data"], attrs["scale"], attrs["zero"], a.bias, a.a_scale, kernel, kw.bits, kw.group, kw.n,
+                kw.k, mix)))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)

@@ -22,7 +22,7 @@ from torch.fx import GraphModule, Node
 
 from qfx.config import ConfigError, Recipe
 from qfx.lowering.constant_inputs import ConstantInputs
-from qfx.ops import NO_ACT_QUANT
+from qfx.ops import NO_ACT_QUANT, QuantizedLinearArgs
 from qfx.passes.annotate_linears import is_head
 from qfx.passes.quantize_kv import insert_kv_quantizers
 from qfx.passes.quantize_linears import op_group_size, quantize_weight_tensors
@@ -76,9 +76,10 @@ def quantize_on_the_fly(gm: GraphModule, example_inputs, recipe: Recipe, constan
         tensors = quantize_weight_tensors(weight.detach(), w_spec)
         attrs = {name: constants.add(f"_qfx_q_{done}_{name}", t) for name, t in tensors.items()}
         with gm.graph.inserting_before(node):
-            q = gm.graph.call_function(torch.ops.qfx.quantized_linear.default, (
-                x, attrs["qweight"], attrs["w_scale"], attrs.get("w_zero"), bias, w_spec.bits,
-                op_group_size(w_spec), weight.shape[1], NO_ACT_QUANT if a_spec is None else a_spec.bits, None))
+            q = gm.graph.call_function(torch.ops.qfx.quantized_linear.default, tuple(QuantizedLinearArgs(
+                x, attrs["qweight"], attrs["w_scale"], attrs.get("w_zero"), bias, w_bits=w_spec.bits,
+                group_size=op_group_size(w_spec), in_features=weight.shape[1],
+                a_bits=NO_ACT_QUANT if a_spec is None else a_spec.bits, a_scale=None)))
         q.meta = dict(node.meta)
         node.replace_all_uses_with(q)
         gm.graph.erase_node(node)

@@ -25,7 +25,7 @@ from qfx.algorithms.gptaq import asymmetric_target
 from qfx.algorithms.gptq import gptq_quantize
 from qfx.config import ConfigError, QuantSpec, Recipe
 from qfx.observers import AsymmetricHessianObserver, ChannelStatsObserver, HessianObserver, RangeObserver
-from qfx.ops import NO_ACT_QUANT
+from qfx.ops import NO_ACT_QUANT, QuantizedLinearArgs
 from qfx.passes import finish
 from qfx.passes.annotate_linears import LinearPlan, plans
 
@@ -188,19 +188,11 @@ def quantize_linears(gm: GraphModule, allocate_only: bool = False) -> GraphModul
             a_bits = NO_ACT_QUANT if plan.act is None else plan.act.bits
             q = gm.graph.call_function(
                 torch.ops.qfx.quantized_linear.default,
-                (
-                    x,
-                    attr_nodes["qweight"],
-                    attr_nodes["w_scale"],
-                    attr_nodes.get("w_zero"),
-                    bias,
-                    plan.weight.bits,
-                    op_group_size(plan.weight),
-                    plan.in_features,
-                    a_bits,
-                    attr_nodes.get("a_scale"),
-                    1.0 if plan.act is None or not plan.act.dynamic else plan.act.clip_ratio,
-                ),
+                tuple(QuantizedLinearArgs(
+                    x, attr_nodes["qweight"], attr_nodes["w_scale"], attr_nodes.get("w_zero"), bias,
+                    w_bits=plan.weight.bits, group_size=op_group_size(plan.weight), in_features=plan.in_features,
+                    a_bits=a_bits, a_scale=attr_nodes.get("a_scale"),
+                    a_clip=1.0 if plan.act is None or not plan.act.dynamic else plan.act.clip_ratio)),
             )
         q.meta = dict(node.meta)
         node.replace_all_uses_with(q)
