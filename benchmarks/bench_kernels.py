@@ -54,7 +54,7 @@ from qfx.config import QuantSpec, weight_spec  # noqa: E402
 from qfx.lowering.kernels import act_quant_gemm, hadamard_rows, tuning, wint_a16  # noqa: E402
 from qfx.ops import hadamard_ref  # noqa: E402
 from qfx.lowering.kernels.layout import KernelWeight, kernel_weight  # noqa: E402
-from qfx.passes.quantize_linears import op_group_size, quantize_weight_tensors  # noqa: E402
+from qfx.quantizer import op_group_size, quantize_weight_tensors  # noqa: E402
 
 SHAPES = {  # name: (N, K) of y = x W^T
     "8b.qkv": (6144, 4096), "8b.o": (4096, 4096), "8b.gate_up": (28672, 4096), "8b.down": (4096, 14336),

@@ -32,6 +32,7 @@ from qfx.config import Recipe
 from qfx.observers import AsymmetricHessianObserver, ChannelStatsObserver, HessianObserver, RangeObserver
 from qfx.passes.annotate_linears import plans
 from qfx.passes.quantize_linears import quantize_linears
+from qfx.quantizer import fake_quantize_weight
 from qfx.regions import Region, apply_scale, find_regions
 from qfx.stages import Stage, split_stages
 
@@ -222,7 +223,7 @@ class _StageRun:
                 apply_scale([self.module], r, s)
                 for t, spec in zip(r.weights, specs):
                     w = get_attr_tensor(self.module, t)
-                    set_attr_tensor(self.module, t, smoothquant.fake_quantize_weight(w.float(), spec).to(w.dtype))
+                    set_attr_tensor(self.module, t, fake_quantize_weight(w, spec).to(w.dtype))
                 err = 0.0
                 for env, ref in zip(stream[:n_search], targets):
                     out = self.module(*self._args(env))

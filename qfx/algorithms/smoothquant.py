@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from qfx import primitives as P
 from qfx.config import QuantSpec
+from qfx.quantizer import fake_quantize_activation, fake_quantize_weight
 
 ALPHA_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
@@ -24,32 +24,12 @@ def smooth_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: 
     return (a.pow(alpha) / w_max.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
 
 
-def fake_quantize_rows(x: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
-    """Per-token (dynamic) or per-tensor quantize-dequantize of activations x (n, K)."""
-    if spec is None:
-        return x
-    if spec.dtype == "fp8":
-        scale = P.fp8_scale(x.abs().amax(-1, keepdim=True))
-        return P.fp8_quantize(x, scale).float() * scale
-    amax = x.abs().amax(-1, keepdim=True) if spec.granularity == "token" else x.abs().amax()
-    scale, _ = P.choose_qparams(-amax, amax, spec.bits, True)
-    return P.dequantize(P.quantize(x, scale, None, spec.bits), scale, None, spec.bits)
-
-
-def fake_quantize_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    if spec.dtype == "fp8":
-        scale = P.fp8_scale(w.abs().amax(-1, keepdim=True))
-        return P.fp8_quantize(w, scale).float() * scale
-    group = spec.group_size if spec.granularity == "group" else None
-    return P.fake_quantize_weight(w, spec.bits, spec.symmetric, group, spec.clip_ratio)
-
-
 def region_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, w_spec: QuantSpec,
                  a_spec: QuantSpec | None) -> float:
     """Sum over the region's linears of ||Q_a(x / s) Q_w(W s)^T - x W^T||^2 on rows x (n, K)."""
     x = x.float()
     s = s.float().to(x.device)
-    xs = fake_quantize_rows(x / s, a_spec)
+    xs = fake_quantize_activation(x / s, a_spec)
     total = 0.0
     for w in weights:
         w = w.float().to(x.device)

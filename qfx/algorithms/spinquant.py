@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 from qfx import primitives as P
 from qfx.algorithms.hadamard import orthogonal
 from qfx.capture import capture, get_attr_tensor
-from qfx.config import QuantSpec, Recipe
-from qfx.ops import fake_quantize_activation
+from qfx.config import Recipe
+from qfx.quantizer import fake_quantize_activation, fake_quantize_weight
 from qfx.passes.annotate_linears import plans
 from qfx.passes.canonicalize_linears import canonicalize_linears
 from qfx.passes.fold_norms import checked_stream
@@ -94,11 +94,6 @@ class _LsqActivation(torch.autograd.Function):
         return grad_x.to(x.dtype), None, None
 
 
-def _fake_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    group = spec.group_size if spec.granularity == "group" else None
-    return P.fake_quantize_weight(w.detach().float(), spec.bits, spec.symmetric, group, spec.clip_ratio)
-
-
 class _FakeQuantRun(Interpreter):
     """Runs the graph with `params` in place of its tensors and planned linears fake-quantized."""
 
@@ -121,10 +116,9 @@ class _FakeQuantRun(Interpreter):
         if plan.act is not None and self.estimator == "lsq" and plan.act.dtype != "fp8":
             xf = _LsqActivation.apply(x, plan.act.bits, plan.act.clip_ratio)
         elif plan.act is not None:
-            xf = _ste(xf, fake_quantize_activation(xf.detach(), plan.act.bits, None, fp8=plan.act.dtype == "fp8",
-                                                   clip_ratio=plan.act.clip_ratio))
+            xf = _ste(xf, fake_quantize_activation(xf.detach(), plan.act))
         if self.quantize_weights and plan.weight is not None:
-            wf = _ste(wf, _fake_weight(wf, plan.weight))
+            wf = _ste(wf, fake_quantize_weight(wf.detach(), plan.weight))
         return torch.nn.functional.linear(xf, wf, None if b is None else b.float()).to(x.dtype)
 
 

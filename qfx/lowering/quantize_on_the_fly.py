@@ -25,7 +25,7 @@ from qfx.lowering.constant_inputs import ConstantInputs
 from qfx.ops import NO_ACT_QUANT, QuantizedLinearArgs
 from qfx.passes.annotate_linears import is_head
 from qfx.passes.quantize_kv import insert_kv_quantizers
-from qfx.passes.quantize_linears import op_group_size, quantize_weight_tensors
+from qfx.quantizer import op_group_size, quantize_weight_tensors
 
 LINEARS = (torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default)
 

@@ -28,52 +28,7 @@ from qfx.observers import AsymmetricHessianObserver, ChannelStatsObserver, Hessi
 from qfx.ops import NO_ACT_QUANT, QuantizedLinearArgs
 from qfx.passes import finish
 from qfx.passes.annotate_linears import LinearPlan, plans
-
-
-def op_group_size(spec: QuantSpec) -> int:
-    """The op's group_size argument: 0 means one group per row."""
-    return spec.group_size if spec.granularity == "group" else 0
-
-
-def quantize_weight_tensors(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
-    """Weight (N, K) -> the op's stored tensors: qweight, w_scale (N, G) float32, w_zero.
-
-    Scales stay float32 unless the spec stores them in the model dtype: then each group takes,
-    among the representable scales next to its own, the one that reconstructs it best (plain
-    rounding shifts every weight of a group by the same factor, up to 0.4 % in bfloat16).
-    """
-    if spec.dtype == "fp8":
-        amax = w.detach().float().abs().amax(-1, keepdim=True) * spec.clip_ratio
-        scale = _round_scale(P.fp8_scale(amax), spec, w.dtype)
-        return {"qweight": P.fp8_quantize(w, scale), "w_scale": scale}
-    if spec.granularity == "tensor":
-        scale, zero = P.choose_qparams(w.amin() * spec.clip_ratio, w.amax() * spec.clip_ratio, spec.bits, spec.symmetric)
-        scale = scale.reshape(1, 1).expand(w.shape[0], 1).contiguous()
-        zero = None if zero is None else zero.reshape(1, 1).expand(w.shape[0], 1).contiguous()
-    else:
-        scale, zero = P.weight_qparams(w.detach(), spec.bits, spec.symmetric, spec.group_size, spec.clip_ratio)
-    scale = _model_dtype_scale(w.detach(), scale, zero, spec, op_group_size(spec))
-    codes = P.quantize_weight(w.detach(), scale, zero, spec.bits, op_group_size(spec) or None)
-    out = {"qweight": P.pack(codes, spec.bits), "w_scale": scale}
-    if zero is not None:
-        out["w_zero"] = zero
-    return out
-
-
-def _model_dtype_scale(w: torch.Tensor, scale: torch.Tensor, zero, spec: QuantSpec, group: int) -> torch.Tensor:
-    """Int weight scales (N, G): as they are, or, when the spec stores them in the model dtype,
-    the representable scale next to each that reconstructs its group best (`P.representable_scale`)."""
-    if spec.scale_dtype != "model" or w.dtype in (torch.float32, torch.float64):
-        return scale
-    g = group or w.shape[-1]
-    best = P.representable_scale(P.to_groups(w.float(), g), scale.unsqueeze(-1), None if zero is None else
-                                 zero.unsqueeze(-1), spec.bits, w.dtype)
-    return best.squeeze(-1)
-
-
-def _round_scale(scale: torch.Tensor, spec: QuantSpec, model_dtype: torch.dtype) -> torch.Tensor:
-    """Float32 scales, rounded through the model dtype first when the spec asks for it."""
-    return scale.to(model_dtype).float() if spec.scale_dtype == "model" else scale
+from qfx.quantizer import op_group_size, quantize_weight_tensors, round_scale
 
 
 def empty_weight_tensors(plan: LinearPlan) -> dict[str, torch.Tensor]:
@@ -178,7 +133,7 @@ def quantize_linears(gm: GraphModule, allocate_only: bool = False) -> GraphModul
         else:
             tensors = quantize_weight_tensors(weight, plan.weight)
         if a_scale is not None:
-            tensors["a_scale"] = _round_scale(a_scale.reshape(()).float(), plan.act, weight.dtype)
+            tensors["a_scale"] = round_scale(a_scale.reshape(()).float(), plan.act, weight.dtype)
         attr_nodes = {}
         with gm.graph.inserting_before(node):
             for name, t in tensors.items():

@@ -18,7 +18,7 @@ from qfx.lowering.kernels.layout import dequantize_kernel_weight, kernel_weight,
 from qfx.lowering.kernels.tuning import Config
 from qfx.lowering.kernels.wint_a16 import wint_a16_linear, wint_a16_ref
 from qfx.ops import dequantize_packed
-from qfx.passes.quantize_linears import quantize_weight_tensors
+from qfx.quantizer import quantize_weight_tensors
 from qfx.config import QuantSpec, weight_spec
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
