@@ -77,8 +77,7 @@ def _last_json(out: str) -> dict:
 def run_qfx(method: str, setting: str, a, fp: bool) -> dict:
     cmd = [sys.executable, "-m", "qfx.cli", "quantize", "--method", method, *SETTINGS[setting], *common_args(a),
            "--search-samples", str(a.search_samples), "--spin-steps", str(a.spin_steps),
-           "--spin-lr", str(a.spin_lr), "--spin-batch", str(a.spin_batch), "--spin-schedule", a.spin_schedule,
-           "--spin-weights", a.spin_weights, "--spin-estimator", a.spin_estimator,
+           "--spin-lr", str(a.spin_lr), "--spin-batch", str(a.spin_batch),
            "--rotation-seed", str(a.rotation_seed),
            "--calib-batch-size", str(a.calib_batch_size), "--json", "--quiet"]
     if not fp:
@@ -164,12 +163,6 @@ def main() -> None:
     p.add_argument("--rotation-seed", type=int, default=0,
                    help="qfx QuaRot/SpinQuant: seed of the random Hadamard rotations (SpinQuant starts from them)")
     p.add_argument("--spin-batch", type=int, default=1, help="qfx SpinQuant: samples per Cayley step")
-    p.add_argument("--spin-schedule", choices=("constant", "linear"), default="constant",
-                   help="qfx SpinQuant: step size schedule")
-    p.add_argument("--spin-weights", choices=("auto", "rtn", "float"), default="auto",
-                   help="qfx SpinQuant: weights while learning (see qfx quantize --help)")
-    p.add_argument("--spin-estimator", choices=("lsq", "ste"), default="lsq",
-                   help="qfx SpinQuant: gradient estimator (see qfx quantize --help)")
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded) or its .gguf file")
     p.add_argument("--eval", default=str(WIKITEXT), help="the WikiText-2 test text")
     p.add_argument("--peer-python", default=None, help="python of an environment with llmcompressor installed")
@@ -222,9 +215,8 @@ def header(a, torch, transformers) -> dict:
         "(Wikipedia lead sections, not the evaluation text); block-by-block calibration, qfx running "
         f"{a.calib_batch_size} samples per pass through a block; qfx AWQ searches on "
         f"{a.search_samples} samples; qfx SpinQuant takes {a.spin_steps} Cayley steps, "
-        f"{'one sample' if a.spin_batch == 1 else f'{a.spin_batch} samples'} each, {a.spin_schedule} step size "
-        f"{a.spin_lr}, "
-        f"weights while learning: {a.spin_weights}, gradient estimator {a.spin_estimator}; random Hadamard rotations drawn with seed {a.rotation_seed}; "
+        f"{'one sample' if a.spin_batch == 1 else f'{a.spin_batch} samples'} each, constant step size "
+        f"{a.spin_lr}; random Hadamard rotations drawn with seed {a.rotation_seed}; "
         "W4A4 is int4 per-channel symmetric weights and int4 per-token activations (a-clip0.9: each token's "
         "range clipped to 0.9 of its max |x|); peak_mem_mb is the process's peak RSS on CPU, peak allocated GPU memory "
         "during calibration on CUDA",

@@ -98,7 +98,8 @@ def quantize(
                 for i in range(b.shape[0])]  # spin-batchN counts samples, not batches
         model = model.to(dtype) if dtype is not None else model
         start = time.time()
-        rotations = learn_rotations(model, recipe, rows, recipe.spin_steps, recipe.spin_lr, progress, recipe.spin_batch)
+        rotations = learn_rotations(model, recipe, rows, recipe.spinquant.steps, recipe.spinquant.lr, progress,
+                                    recipe.spinquant.batch)
         timings["calib_seconds"] += time.time() - start
         if on_rotations is not None:
             on_rotations(rotations)

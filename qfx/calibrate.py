@@ -45,7 +45,7 @@ def calibrate(prepared: GraphModule, batches: Iterable[torch.Tensor], progress: 
 
     batches: token ids (B, S) each. Larger B means fewer, larger passes over each block (the
         CLI's --calib-batch-size); the statistics are the same up to float rounding. AWQ's scale
-        search runs on the first batches holding `recipe.search_samples` samples.
+        search runs on the first batches holding `recipe.awq.search_samples` samples.
     device: where each stage runs (default: where the model is; give "cuda" for a model in CPU
         memory to calibrate it one block at a time on the GPU).
     Returns the number of calibration tokens. `qfx.convert(prepared)` then builds the model.
@@ -64,7 +64,7 @@ def calibrate(prepared: GraphModule, batches: Iterable[torch.Tensor], progress: 
     stream = [{placeholder: b.to(device)} for b in batches]
     fp_stream = [dict(e) for e in stream] if recipe.weight_method == "gptaq" else None
     last_use = _last_use(stages)
-    n_search = _batches_holding(batches, recipe.search_samples)
+    n_search = _batches_holding(batches, recipe.awq.search_samples)
     bar = tqdm(stages, desc="calibrate", unit="block", disable=not progress)
     with torch.no_grad():
         for i, stage in enumerate(bar):
@@ -202,10 +202,10 @@ class _StageRun:
             obs = self._channel_observer(r.linears[0])
             weights = [get_attr_tensor(self.module, t) for t in r.weights]
             plan = self._plan(r.linears[0])
-            if self.recipe.smooth_alpha is None:
+            if self.recipe.smoothquant.alpha is None:
                 _, s = smoothquant.search_alpha(obs.abs_max, obs.sample(), weights, plan.weight, plan.act, r.tie)
             else:
-                s = r.tie(smoothquant.smooth_scales(obs.abs_max, weights, self.recipe.smooth_alpha))
+                s = r.tie(smoothquant.smooth_scales(obs.abs_max, weights, self.recipe.smoothquant.alpha))
             apply_scale([self.module, self.gm], r, s)
 
     def awq(self, stream: list[dict], regions: list[Region], asymmetric_clip: bool) -> None:

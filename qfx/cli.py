@@ -18,6 +18,9 @@ from pathlib import Path
 
 import torch
 
+from qfx import options
+from qfx.config import ConfigError
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 HELP = argparse.ArgumentDefaultsHelpFormatter  # every option's default shown in --help
 
@@ -96,38 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--fp8", action="store_true", help="fp8 e4m3 weights (per channel) and activations (per token)")
     q.add_argument("--rule", action="append", default=[], metavar="REGEX=SPEC",
                    help="per-layer override, e.g. down_proj=w8, lm_head=w8, 'layers\\.0\\.'=skip (repeatable)")
-    q.add_argument("--damp", type=_positive_float, default=0.01, help="GPTQ damping (fraction of the mean Hessian diagonal)")
-    q.add_argument("--no-act-order", dest="act_order", action="store_false",
-                   help="GPTQ: visit columns left to right (default: by decreasing Hessian diagonal)")
-    q.add_argument("--no-range-search", dest="range_search", action="store_false",
-                   help="GPTQ: min-max group ranges (default: each row's range shrunk where that lowers the "
-                   "Hessian-weighted rounding error)")
-    q.add_argument("--sink-weight", type=_positive_float, default=16.0,
-                   help="GPTQ/GPTAQ: weight of each calibration window's first token in the Hessian (1 = plain mean)")
-    q.add_argument("--sq-alpha", default="0.5", help="SmoothQuant migration strength in [0, 1], or 'search'")
-    q.add_argument("--gptaq-alpha", type=_non_negative_float, default=0.25, help="GPTAQ: weight of the correction towards "
-                   "the full-precision outputs (0 = GPTQ)")
-    q.add_argument("--search-samples", type=_positive_int, default=16, help="AWQ: calibration samples its scale search runs on")
     q.add_argument("--kv-bits", type=_positive_int, default=16, help="KV-cache bits (asymmetric, per token and head); "
                    "16 = not quantized")
     q.add_argument("--kv-group", type=_non_negative_int, default=0, help="KV cache: group size along the head dim (0 = whole head)")
-    q.add_argument("--rotation-seed", type=_non_negative_int, default=0, help="quarot: seed of the random Hadamard rotations")
     q.add_argument("--rotation-path", default=None, help="quarot: a safetensors file of rotations to use instead "
                    "(R1, R2.<o_proj path>)")
     q.add_argument("--rotation-out", default=None, help="spinquant: write the learned rotations to this "
                    "safetensors file (reuse them with --rotation-path)")
-    q.add_argument("--spin-steps", type=_positive_int, default=100, help="spinquant: Cayley SGD steps")
-    q.add_argument("--spin-batch", type=_positive_int, default=1, help="spinquant: calibration samples whose gradients each "
-                   "step averages")
-    q.add_argument("--spin-lr", type=_positive_float, default=1.5, help="spinquant: Cayley SGD step size")
-    q.add_argument("--spin-schedule", choices=("constant", "linear"), default="constant",
-                   help="spinquant: keep the step size, or decay it linearly towards 0")
-    q.add_argument("--spin-weights", choices=("auto", "rtn", "float"), default="auto",
-                   help="spinquant: weights while learning: RTN fake-quantized, full precision, or auto (RTN "
-                   "when RTN chooses the final weights, full precision when GPTQ or GPTAQ does)")
-    q.add_argument("--spin-estimator", choices=("lsq", "ste"), default="lsq",
-                   help="spinquant: gradient through the activation quantizers: rounding straight-through "
-                   "and the per-token scale differentiated (lsq), or the scale held constant (ste)")
+    options.add_flags(q.add_argument_group("method settings (each also a recipe token)"))
     q.add_argument("--offload", action="store_true", help="keep the model in CPU memory during calibration; "
                    "only the block being calibrated goes to --device")
     q.add_argument("--recipe", default=None, help="a whole recipe string instead of the flags above")
@@ -191,38 +170,14 @@ def recipe_string(a: argparse.Namespace) -> str:
             parts.append(f"a-clip{a.a_clip}")
     if a.w_scale_dtype == "model":
         parts.append("scale-model")
-    if a.damp != 0.01:
-        parts.append(f"damp{a.damp}")
-    if not a.act_order:
-        parts.append("no-act-order")
-    if not a.range_search:
-        parts.append("no-range-search")
-    if a.sink_weight != 16.0:
-        parts.append(f"sink{a.sink_weight}")
-    if a.sq_alpha != "0.5":
-        parts.append("sq-alpha-search" if a.sq_alpha == "search" else f"sq-alpha{a.sq_alpha}")
-    if a.gptaq_alpha != 0.25:
-        parts.append(f"gptaq-alpha{a.gptaq_alpha}")
-    if a.search_samples != 16:
-        parts.append(f"search{a.search_samples}")
     if a.a_static:
         parts.append("a-static")
     if a.kv_bits != 16:
         parts.append(f"kv{a.kv_bits}" + (f" kv-g{a.kv_group}" if a.kv_group else ""))
-    if a.rotation_seed:
-        parts.append(f"rot-seed{a.rotation_seed}")
-    if a.spin_steps != 100:
-        parts.append(f"spin-steps{a.spin_steps}")
-    if a.spin_lr != 1.5:
-        parts.append(f"spin-lr{a.spin_lr}")
-    if a.spin_batch != 1:
-        parts.append(f"spin-batch{a.spin_batch}")
-    if a.spin_schedule != "constant":
-        parts.append(f"spin-{a.spin_schedule}")
-    if a.spin_weights != "auto":
-        parts.append(f"spin-weights-{a.spin_weights}")
-    if a.spin_estimator != "lsq":
-        parts.append(f"spin-{a.spin_estimator}")
+    for token in options.flag_tokens(a):
+        if options.parse_token(token) is None:
+            raise ConfigError(f"{token!r} from the command line is not a valid setting; see qfx quantize --help")
+        parts.append(token)
     parts += [f"rule:{r}" for r in a.rule]
     return " ".join(parts)
 

@@ -12,16 +12,11 @@ module paths. A recipe string is a short form of the same thing:
 
 Tokens: `wN` weight bits (16 = not quantized), `gN` group size (0 or -1 = per channel),
 `sym`/`asym`, `aN` activation bits (16 = none), `a-static` static per-tensor activations,
-`clipR` weight clip ratio, `a-clipR` activation clip ratio, `fp8`, `scale-model` (weight scales rounded to the model dtype), `kvN`
-(KV cache: asymmetric int N per token and head) and `kv-gN` (... in groups of N along the head dim),
-`rot-seedN` (seed of QuaRot's random Hadamard rotations), `spin-stepsN`, `spin-lrX`, `spin-batchN`,
-`spin-linear` / `spin-constant` (step size schedule), `spin-weights-{auto,rtn,float}` and
-`spin-lsq` / `spin-ste` (gradient estimator) (SpinQuant),
-`dampX`, `act-order` / `no-act-order` and `range-search` / `no-range-search` (GPTQ options; both
-on by default), `sinkX` (weight
-of each calibration window's first token in Hessians, default 16), `sq-alphaX` / `sq-alpha-search`
-(SmoothQuant), `gptaq-alphaX`, `searchN` (AWQ search samples), `rule:REGEX=SPEC` where SPEC is
-`skip`, `wN`, `wN.gM` or `aN` (several joined by `.`).
+`clipR` weight clip ratio, `a-clipR` activation clip ratio, `fp8`, `scale-model` (weight scales
+rounded to the model dtype), `kvN` (KV cache: asymmetric int N per token and head) and `kv-gN`
+(... in groups of N along the head dim), `rule:REGEX=SPEC` where SPEC is `skip`, `wN`, `wN.gM`
+or `aN` (several joined by `.`); and each method's own settings (`damp0.05`, `no-act-order`,
+`sq-alpha-search`, `spin-steps20`, ...), declared in `qfx.options`.
 """
 
 from __future__ import annotations
@@ -29,6 +24,10 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
+
+from qfx import options as O
+from qfx.options import (AWQOptions, GPTAQOptions, GPTQOptions, RotationOptions, SmoothQuantOptions,
+                         SpinQuantOptions)
 
 GRANULARITIES = ("tensor", "channel", "group", "token")
 DTYPES = ("int", "fp8")
@@ -53,9 +52,6 @@ WEIGHT_METHODS = ("rtn", "gptq", "gptaq", "awq+")
 TRANSFORM_METHODS = ("smoothquant", "awq", "awq+")
 # whole-model rotations, applied when the graph is prepared, before anything is observed
 ROTATION_METHODS = ("quarot", "spinquant")
-SPIN_SCHEDULES = ("constant", "linear")
-SPIN_WEIGHTS = ("auto", "rtn", "float")
-SPIN_ESTIMATORS = ("lsq", "ste")
 
 
 class ConfigError(ValueError):
@@ -208,35 +204,10 @@ class Recipe:
         them back from an asymmetric int cache (granularity "token": one range per token and
         head; "group": per group of `group_size` along the head dim).
     quantize_head: quantize the linear that produces the logits (off by default, as in the field).
-    damp: GPTQ damping, as a fraction of the mean Hessian diagonal.
-    act_order: GPTQ visits columns by decreasing Hessian diagonal, with group ranges fixed up
-        front so groups stay contiguous (on by default: without it, 3-bit GPTQ of SmolLM2 was
-        worse than RTN in our measurements).
-    range_search: GPTQ's static group ranges (act_order) shrunk per row where that lowers the
-        rounding error weighted by the Hessian diagonal (`qfx.algorithms.gptq.search_qparams`);
-        on by default (it lowered 3-bit g64 GPTQ perplexity of SmolLM2 in our measurements;
-        the numbers are in the results notes).
-    sink_weight: how many times each calibration window's first token counts in GPTQ/GPTAQ
-        Hessians (it is the attention sink every later token reads; see qfx.observers.hessian).
-    smooth_alpha: SmoothQuant migration strength (0.5 default; None searches 0.2..0.8 per region
-        on the quantized region's output error).
-    gptaq_alpha: weight of GPTAQ's correction towards the full-precision outputs (0 = GPTQ).
-    search_samples: calibration samples used by AWQ's scale search (the block is re-run once
-        per grid point and region on these).
-    rotation_seed: seed of the random-sign Hadamard rotations (quarot).
-    rotation_path: a safetensors file of rotations to use instead ({"R1": (D, D),
-        "R2.<o_proj path>": (head_dim, head_dim)}), e.g. learned ones.
-    spin_steps, spin_lr: SpinQuant's Cayley SGD steps and step size.
-    spin_batch: calibration samples (cycled) whose gradients each SpinQuant step averages.
-    spin_schedule: "constant" step size, or "linear" decay from spin_lr towards 0 over the steps.
-    spin_weights: what the weights are while SpinQuant learns: "rtn" (fake-quantized by RTN),
-        "float" (full precision, only activations and KV quantized), or "auto": "rtn" when RTN
-        chooses the final weights, "float" when a calibrated method (GPTQ, ...) chooses them later.
-    spin_estimator: the gradient through each per-token activation quantizer while SpinQuant
-        learns. Both pass it straight through the rounding. "lsq" (default) also differentiates
-        the token's scale, max|x| / 7.5, as LSQ (Esser et al., 2020) does, so the loss sees how
-        a rotation changes each token's range; "ste" holds the scale constant, as the SpinQuant
-        paper's code does.
+    rotation_path: a safetensors file of rotations to use instead of QuaRot's random ones
+        ({"R1": (D, D), "R2.<o_proj path>": (head_dim, head_dim)}), e.g. learned ones.
+    gptq, gptaq, awq, smoothquant, rotation, spinquant: each method's own settings
+        (`qfx.options`, where each is documented).
     """
 
     @property
@@ -251,34 +222,18 @@ class Recipe:
     kv: QuantSpec | None = None
     rules: tuple[LayerRule, ...] = ()
     quantize_head: bool = False
-    damp: float = 0.01
-    act_order: bool = True
-    range_search: bool = True
-    sink_weight: float = 16.0
-    smooth_alpha: float | None = 0.5
-    gptaq_alpha: float = 0.25
-    search_samples: int = 16
-    rotation_seed: int = 0
     rotation_path: str | None = None
-    spin_steps: int = 100
-    spin_lr: float = 1.5
-    spin_batch: int = 1
-    spin_schedule: str = "constant"
-    spin_weights: str = "auto"
-    spin_estimator: str = "lsq"
+    gptq: GPTQOptions = field(default_factory=GPTQOptions)
+    gptaq: GPTAQOptions = field(default_factory=GPTAQOptions)
+    awq: AWQOptions = field(default_factory=AWQOptions)
+    smoothquant: SmoothQuantOptions = field(default_factory=SmoothQuantOptions)
+    rotation: RotationOptions = field(default_factory=RotationOptions)
+    spinquant: SpinQuantOptions = field(default_factory=SpinQuantOptions)
 
     def __post_init__(self) -> None:
-        if self.sink_weight < 1.0:
-            raise ConfigError(f"Recipe.sink_weight={self.sink_weight}: the first token's Hessian weight must be >= 1")
-        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
-            raise ConfigError(f"Recipe.smooth_alpha={self.smooth_alpha}: SmoothQuant's migration strength is in [0, 1] "
-                              "(or None to search it)")
-        if not 0.0 <= self.gptaq_alpha <= 1.0:
-            raise ConfigError(f"Recipe.gptaq_alpha={self.gptaq_alpha}: must be in [0, 1]")
-        if self.search_samples < 1:
-            raise ConfigError(f"Recipe.search_samples={self.search_samples}: give at least 1")
-        if not 0.0 < self.damp < 1.0:
-            raise ConfigError(f"Recipe.damp={self.damp}: GPTQ damping is a fraction of the mean Hessian diagonal in (0, 1)")
+        for group in O.GROUPS:
+            if problem := O.check(group, getattr(self, group)):
+                raise ConfigError(problem)
         if not self.methods:
             raise ConfigError("Recipe.methods is empty: give at least one method, e.g. ('rtn',)")
         for m in self.methods:
@@ -299,17 +254,6 @@ class Recipe:
                               "the pipeline")
         if sum(m in ROTATION_METHODS for m in self.methods) > 1:
             raise ConfigError(f"Recipe.methods {self.methods}: give one rotation method (quarot or spinquant)")
-        if self.spin_steps < 1 or not self.spin_lr > 0:
-            raise ConfigError(f"Recipe: spin_steps={self.spin_steps} must be >= 1 and spin_lr={self.spin_lr} > 0")
-        if self.spin_batch < 1:
-            raise ConfigError(f"Recipe: spin_batch={self.spin_batch} must be >= 1 (samples per SpinQuant step)")
-        if self.spin_schedule not in SPIN_SCHEDULES:
-            raise ConfigError(f"Recipe.spin_schedule={self.spin_schedule!r}: choose from {', '.join(SPIN_SCHEDULES)}")
-        if self.spin_weights not in SPIN_WEIGHTS:
-            raise ConfigError(f"Recipe.spin_weights={self.spin_weights!r}: choose from {', '.join(SPIN_WEIGHTS)}")
-        if self.spin_estimator not in SPIN_ESTIMATORS:
-            raise ConfigError(f"Recipe.spin_estimator={self.spin_estimator!r}: choose from "
-                              f"{', '.join(SPIN_ESTIMATORS)}")
 
     def resolve(self, path: str, is_head: bool) -> tuple[QuantSpec | None, QuantSpec | None]:
         """(weight spec, act spec) for the linear at module path `path`."""
@@ -343,21 +287,8 @@ class Recipe:
                 LayerRule(r["pattern"], rule_field(r["weight"]), rule_field(r["act"])) for r in d.get("rules", ())
             ),
             quantize_head=bool(d.get("quantize_head", False)),
-            damp=float(d.get("damp", 0.01)),
-            act_order=bool(d.get("act_order", True)),
-            range_search=bool(d.get("range_search", False)),  # recipes saved before it existed ran without
-            sink_weight=float(d.get("sink_weight", 16.0)),
-            smooth_alpha=d.get("smooth_alpha", 0.5),
-            gptaq_alpha=float(d.get("gptaq_alpha", 0.25)),
-            search_samples=int(d.get("search_samples", 16)),
-            rotation_seed=int(d.get("rotation_seed", 0)),
             rotation_path=d.get("rotation_path"),
-            spin_steps=int(d.get("spin_steps", 100)),
-            spin_lr=float(d.get("spin_lr", 1.5)),
-            spin_batch=int(d.get("spin_batch", 1)),
-            spin_schedule=d.get("spin_schedule", "constant"),
-            spin_weights=d.get("spin_weights", "auto"),
-            spin_estimator=d.get("spin_estimator", "ste"),  # recipes saved before it existed learned with "ste"
+            **O.from_saved(d),
         )
 
     @staticmethod
@@ -367,15 +298,14 @@ class Recipe:
         if not tokens:
             raise ConfigError("empty recipe string; e.g. 'rtn w4 g128 sym'")
         methods: tuple[str, ...] = ("rtn",)
-        if not _OPTION.fullmatch(tokens[0]):
+        if not _is_option(tokens[0]):
             methods = tuple(tokens[0].split(","))
             tokens = tokens[1:]
         w_bits, group, sym, clip, scale_dtype = 4, 128, True, 1.0, "float32"
         a_bits, a_dynamic, fp8, a_clip = 16, True, False, 1.0
         rules: list[LayerRule] = []
         kv, kv_group = None, 0
-        damp, act_order = 0.01, True
-        extra: dict = {}
+        groups: dict[str, dict] = {g: {} for g in O.GROUPS}
         seen: dict[str, str] = {}
         for tok in tokens:
             key = _setting(tok)
@@ -401,40 +331,15 @@ class Recipe:
                 fp8 = True
             elif tok == "scale-model":
                 scale_dtype = "model"
-            elif m := re.fullmatch(r"damp(\d*\.?\d+)", tok):
-                damp = float(m[1])
-            elif tok in ("act-order", "no-act-order"):
-                act_order = tok == "act-order"
-            elif tok in ("range-search", "no-range-search"):
-                extra["range_search"] = tok == "range-search"
-            elif m := re.fullmatch(r"sink(\d*\.?\d+)", tok):
-                extra["sink_weight"] = float(m[1])
-            elif m := re.fullmatch(r"sq-alpha(\d*\.?\d+|-search)", tok):
-                extra["smooth_alpha"] = None if m[1] == "-search" else float(m[1])
-            elif m := re.fullmatch(r"gptaq-alpha(\d*\.?\d+)", tok):
-                extra["gptaq_alpha"] = float(m[1])
-            elif m := re.fullmatch(r"search(\d+)", tok):
-                extra["search_samples"] = int(m[1])
             elif m := re.fullmatch(r"kv(\d+)", tok):
                 kv = int(m[1])
             elif m := re.fullmatch(r"kv-g(\d+)", tok):
                 kv_group = int(m[1])
-            elif m := re.fullmatch(r"rot-seed(\d+)", tok):
-                extra["rotation_seed"] = int(m[1])
-            elif m := re.fullmatch(r"spin-steps(\d+)", tok):
-                extra["spin_steps"] = int(m[1])
-            elif m := re.fullmatch(r"spin-lr(\d*\.?\d+)", tok):
-                extra["spin_lr"] = float(m[1])
-            elif m := re.fullmatch(r"spin-batch(\d+)", tok):
-                extra["spin_batch"] = int(m[1])
-            elif tok in ("spin-linear", "spin-constant"):
-                extra["spin_schedule"] = tok[5:]
-            elif m := re.fullmatch(r"spin-weights-(auto|rtn|float)", tok):
-                extra["spin_weights"] = m[1]
-            elif tok in ("spin-lsq", "spin-ste"):
-                extra["spin_estimator"] = tok[5:]
             elif tok.startswith("rule:"):
                 rules.append(_parse_rule(tok[5:]))
+            elif found := O.parse_token(tok):
+                method, name, value = found
+                groups[method][name] = value
             else:
                 raise ConfigError(f"recipe token {tok!r} not understood in {text!r} (see qfx.config docstring)")
         if fp8:
@@ -449,25 +354,26 @@ class Recipe:
         if kv is not None and kv != 16:
             kv_spec = QuantSpec(bits=kv, symmetric=False, granularity="group" if kv_group else "token",
                                 group_size=kv_group or None, dynamic=True)
-        return Recipe(methods=methods, weight=weight, act=act, kv=kv_spec, rules=tuple(rules), damp=damp,
-                      act_order=act_order, **extra)
+        return Recipe(methods=methods, weight=weight, act=act, kv=kv_spec, rules=tuple(rules),
+                      **{g: O.GROUPS[g](**values) for g, values in groups.items()})
+
+    def __str__(self) -> str:
+        """The method settings as recipe tokens (those that differ from the defaults)."""
+        return " ".join(O.tokens({g: getattr(self, g) for g in O.GROUPS}))
 
 
-_OPTION = re.compile(r"w\d+|g-?\d+|a\d+|a-static|sym|asym|fp8|scale-model|damp.*|act-order|no-act-order|range-search|no-range-search|kv\d+|kv-g\d+|rot-seed\d+|spin-.*|clip.*|a-clip.*|"
-                     r"rule:.*|sink.*|sq-alpha.*|gptaq-alpha.*|search\d+")
+_OPTION = re.compile(r"w\d+|g-?\d+|a\d+|a-static|sym|asym|fp8|scale-model|kv\d+|kv-g\d+|clip.*|a-clip.*|rule:.*")
 
 
-_SAME_SETTING = {"asym": "sym", "no-act-order": "act-order", "no-range-search": "range-search",
-                 "spin-constant": "spin-linear", "spin-ste": "spin-lsq", "sq-alpha-search": "sq-alpha"}
+def _is_option(token: str) -> bool:
+    return bool(_OPTION.fullmatch(token)) or O.parse_token(token) is not None
 
 
 def _setting(token: str) -> str:
     """What a recipe token sets, e.g. "g" for g128 and g-1, "sym" for sym and asym."""
-    if token in _SAME_SETTING:
-        return _SAME_SETTING[token]
-    if token.startswith("spin-weights-"):
-        return "spin-weights"
-    return re.sub(r"[-\d.]+$", "", token)
+    if token == "asym":
+        return "sym"
+    return O.setting_key(token) or re.sub(r"[-\d.]+$", "", token)
 
 
 def _checked_weight(bits: int, group: int, sym: bool, clip: float, scale_dtype: str) -> QuantSpec:

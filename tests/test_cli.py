@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from qfx.config import ConfigError
+
 from qfx.cli import main, recipe_string, build_parser
 from tests.conftest import WIKITEXT
 
@@ -94,9 +96,12 @@ def test_recipe_string_from_flags():
     a = build_parser().parse_args(["quantize", "--w-bits", "3", "--w-group", "-1", "--w-asym", "--a-bits", "8",
                                    "--rule", "down_proj=w8", "--method", "rtn"])
     assert recipe_string(a) == "rtn w3 g-1 asym a8 rule:down_proj=w8"
-    a = build_parser().parse_args(["quantize", "--method", "spinquant,gptq", "--a-bits", "4", "--spin-estimator", "ste",
-                                   "--spin-lr", "0.5"])
-    assert recipe_string(a).endswith("a4 spin-lr0.5 spin-ste")
+    a = build_parser().parse_args(["quantize", "--method", "spinquant,gptq", "--a-bits", "4", "--no-act-order",
+                                   "--spin-lr", "0.5", "--sq-alpha", "search", "--rotation-seed", "2"])
+    assert recipe_string(a).endswith("a4 no-act-order sq-alpha-search rot-seed2 spin-lr0.5")
+    a = build_parser().parse_args(["quantize", "--method", "gptq", "--damp", "abc"])
+    with pytest.raises(ConfigError, match="'dampabc' from the command line"):
+        recipe_string(a)
 
 
 def test_export_command_writes_each_format(capsys, tmp_path, tiny_hf_dir):

@@ -63,7 +63,9 @@ def test_w16_a16_mean_not_quantized():
         ("w4 a8 bogus", "not understood"),
         ("w4 kv9", "2..8 bits"),
         ("quarot,spinquant w4", "one rotation method"),
-        ("spinquant w4 spin-steps0", "spin_steps=0"),
+        ("spinquant w4 spin-steps0", r"spinquant.steps=0 \(spin-steps\): must be >= 1"),
+        ("spinquant w4 spin-linear", "'spin-linear' not understood"),
+        ("gptq w4 damp0.1 damp0.2", "sets one thing twice: 'damp0.1' and 'damp0.2'"),
         ("w4 rule:down_proj", "rule:REGEX=SPEC"),
         ("w4 rule:(=w8", "not a valid regex"),
         ("", "empty recipe"),
@@ -71,8 +73,8 @@ def test_w16_a16_mean_not_quantized():
         ("w8 g0 a8 kv8 g16", r"sets one thing twice: 'g0' and 'g16'.*kv-gN"),
         ("w4 sym asym", "sets one thing twice: 'sym' and 'asym'"),
         ("w4 kv8 kv4", "sets one thing twice: 'kv8' and 'kv4'"),
-        ("spinquant w4 spin-linear spin-constant", "sets one thing twice"),
-        ("spinquant w4 spin-lsq spin-ste", "sets one thing twice"),
+        ("gptq w4 act-order no-act-order", "sets one thing twice"),
+        ("smoothquant w8 a8 sq-alpha0.3 sq-alpha-search", "sets one thing twice"),
     ],
 )
 def test_bad_recipes_name_the_problem(text, message):
@@ -121,21 +123,20 @@ def test_scale_dtype_option():
 
 def test_gptq_options():
     r = Recipe.parse("gptq w4 g128 damp0.05")
-    assert r.methods == ("gptq",) and r.weight_method == "gptq" and r.damp == 0.05 and r.act_order
-    assert not Recipe.parse("gptq w4 no-act-order").act_order
+    assert r.methods == ("gptq",) and r.weight_method == "gptq" and r.gptq.damp == 0.05 and r.gptq.act_order
+    assert not Recipe.parse("gptq w4 no-act-order").gptq.act_order
     assert Recipe.parse("w4").weight_method == "rtn"
     with pytest.raises(ConfigError, match="damp"):
         Recipe.parse("gptq w4 damp1.5")
 
 
 def test_kv_rotation_and_spinquant_tokens_round_trip():
-    r = Recipe.parse("spinquant,gptq w4 g-1 a4 kv4 kv-g32 rot-seed3 spin-steps20 spin-lr0.5 spin-ste")
+    r = Recipe.parse("spinquant,gptq w4 g-1 a4 kv4 kv-g32 rot-seed3 spin-steps20 spin-lr0.5 spin-batch2")
     assert r.methods == ("spinquant", "gptq") and r.weight_method == "gptq"
     assert (r.kv.bits, r.kv.symmetric, r.kv.granularity, r.kv.group_size) == (4, False, "group", 32)
-    assert (r.rotation_seed, r.spin_steps, r.spin_lr, r.spin_estimator) == (3, 20, 0.5, "ste")
+    assert (r.rotation.seed, r.spinquant.steps, r.spinquant.lr, r.spinquant.batch) == (3, 20, 0.5, 2)
     assert Recipe.from_dict(r.to_dict()) == r
-    lsq = Recipe.parse("spinquant w4 a4")
-    assert lsq.spin_estimator == "lsq" and Recipe.from_dict(lsq.to_dict()) == lsq
+    assert str(r) == "rot-seed3 spin-steps20 spin-lr0.5 spin-batch2"  # the method settings, as tokens again
     assert Recipe.parse("w16 kv8").kv.granularity == "token"  # KV cache alone is a recipe
 
 
@@ -144,3 +145,37 @@ def test_rotation_path_needs_a_rotation_method():
 
     with pytest.raises(ConfigError, match="no rotation method"):
         dataclasses.replace(Recipe.parse("gptq w4"), rotation_path="r.safetensors")
+
+
+def test_recipes_saved_with_flat_method_settings_still_load():
+    """Before the per-method groups a recipe was saved with flat keys; those checkpoints load."""
+    flat = {"methods": ["spinquant", "gptq"], "weight": None, "act": None, "kv": {"bits": 4, "symmetric": False,
+            "granularity": "token", "group_size": None, "dynamic": True}, "rules": [], "damp": 0.03,
+            "act_order": False, "sink_weight": 4.0, "smooth_alpha": None, "gptaq_alpha": 0.5, "search_samples": 8,
+            "rotation_seed": 2, "rotation_path": None, "spin_steps": 20, "spin_lr": 0.5, "spin_batch": 2,
+            "spin_schedule": "linear", "spin_weights": "rtn", "spin_estimator": "ste"}
+    r = Recipe.from_dict(flat)
+    assert (r.gptq.damp, r.gptq.act_order, r.gptq.sink_weight, r.gptq.range_search) == (0.03, False, 4.0, False)
+    assert (r.smoothquant.alpha, r.gptaq.alpha, r.awq.search_samples) == (None, 0.5, 8)
+    assert (r.rotation.seed, r.spinquant.steps, r.spinquant.lr, r.spinquant.batch) == (2, 20, 0.5, 2)
+
+
+def test_every_method_setting_is_one_field_that_parses_prints_and_has_a_flag():
+    """Each setting of qfx.options round-trips through its token, its CLI flag and the docs table."""
+    import dataclasses
+    from pathlib import Path
+
+    from qfx import options
+    from qfx.cli import build_parser, recipe_string
+
+    for group, f in options.settings():
+        value = (not f.default) if f.type in (bool, "bool") else (f.default + 1 if f.type in (int, "int") else f.default * 2)
+        groups = {g: getattr(Recipe(), g) for g in options.GROUPS}
+        groups[group] = dataclasses.replace(groups[group], **{f.name: value})
+        (token,) = options.tokens(groups)
+        assert getattr(getattr(Recipe.parse(f"gptq w4 {token}"), group), f.name) == value, token
+        flag = f.metadata["flag"] if f.type not in (bool, "bool") else "--no-" + f.metadata["token"]
+        argv = ["quantize", "--method", "gptq", flag] + ([] if f.type in (bool, "bool") else [str(value)])
+        assert recipe_string(build_parser().parse_args(argv)).endswith(token), flag
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
+    assert options.option_table() in docs, "docs/recipes.md: regenerate its table with qfx.options.option_table()"

@@ -5,17 +5,17 @@ The model is captured, its norms folded and its online Hadamards (R3, R4) insert
 QuaRot with identity R1/R2. Each step then:
 1. rebuilds the rotated weights from R1 and R2 (`rotated_tensors`, differentiable);
 2. runs the graph with every planned linear's input quantized per token (and its weight by
-   RTN, per `Recipe.spin_weights`: by default only when the pipeline has no GPTQ-like method
-   to choose weights later, as in the paper), and the KV cache quantized if the recipe says
-   so. Gradients pass straight through the rounding; with `Recipe.spin_estimator` "lsq" (the
-   default) they also flow into each token's scale, and from it into the token's largest
-   |x|: the only path by which the loss sees that a rotation narrows or widens a token's
-   range. With "ste" (the paper's) the scale is a constant and the gradient sees only the
-   rounding error of the current codes;
+   RTN when RTN chooses the final weights; a pipeline whose GPTQ-like method chooses them
+   later learns with full-precision weights, as in the paper), and the KV cache quantized if
+   the recipe says so. Gradients pass straight through the rounding and, as LSQ's estimator
+   does, also flow into each token's scale, and from it into the token's largest |x|: the
+   only path by which the loss sees that a rotation narrows or widens a token's range. (The
+   paper's estimator holds the scale constant; on SmolLM2 W4A4 it let the loss rise under
+   learning: benchmarks/results/rotation_smollm2.md);
 3. takes the next-token cross-entropy and moves R1 and each R2 along the orthogonal group
    by a Cayley step: A = G R^T - R G^T (skew), R <- (I + a/2 A)^-1 (I - a/2 A) R with
-   a = min(lr_t, 1 / ||A||_1), which stays exactly orthogonal; lr_t is lr throughout, or
-   lr (1 - t / steps) with `Recipe.spin_schedule` "linear" (the paper's schedule).
+   a = min(lr, 1 / ||A||_1), which stays exactly orthogonal. The step size is constant: the
+   paper's linear decay made SpinQuant+GPTQ worse on SmolLM2 (same results file).
 R1 and R2 start from QuaRot's random Hadamard matrices.
 """
 
@@ -97,10 +97,9 @@ class _LsqActivation(torch.autograd.Function):
 class _FakeQuantRun(Interpreter):
     """Runs the graph with `params` in place of its tensors and planned linears fake-quantized."""
 
-    def __init__(self, gm: GraphModule, params: dict[str, torch.Tensor], quantize_weights: bool,
-                 estimator: str = "ste"):
+    def __init__(self, gm: GraphModule, params: dict[str, torch.Tensor], quantize_weights: bool):
         super().__init__(gm)
-        self.params, self.quantize_weights, self.estimator = params, quantize_weights, estimator
+        self.params, self.quantize_weights = params, quantize_weights
         self.planned = dict(plans(gm))
 
     def get_attr(self, target, args, kwargs):
@@ -113,7 +112,7 @@ class _FakeQuantRun(Interpreter):
         args, _ = self.fetch_args_kwargs_from_env(n)
         x, w, b = args[0], args[1], args[2] if len(args) > 2 else None
         xf, wf = x.float(), w.float()
-        if plan.act is not None and self.estimator == "lsq" and plan.act.dtype != "fp8":
+        if plan.act is not None and plan.act.dynamic and plan.act.dtype != "fp8":
             xf = _LsqActivation.apply(x, plan.act.bits, plan.act.clip_ratio)
         elif plan.act is not None:
             xf = _ste(xf, fake_quantize_activation(xf.detach(), plan.act))
@@ -143,10 +142,10 @@ def learn_rotations(model: torch.nn.Module, recipe: Recipe | str, batches, steps
     device = get_attr_tensor(gm, plan.embeddings[0]).device
     base = {t: get_attr_tensor(gm, t).detach().float() for t in plan.targets()}
     dtypes = {t: get_attr_tensor(gm, t).dtype for t in plan.targets()}
-    r1 = orthogonal(plan.width, recipe.rotation_seed).float().to(device)
-    r2 = {k: orthogonal(r.fold.head_dim, recipe.rotation_seed + 1 + i).float().to(device)
+    r1 = orthogonal(plan.width, recipe.rotation.seed).float().to(device)
+    r2 = {k: orthogonal(r.fold.head_dim, recipe.rotation.seed + 1 + i).float().to(device)
           for i, (k, r) in enumerate(zip(plan.r2_keys(), plan.heads))}
-    quantize_weights = recipe.spin_weights == "rtn" or (recipe.spin_weights == "auto" and recipe.weight_method == "rtn")
+    quantize_weights = recipe.weight_method == "rtn"  # otherwise GPTQ-like methods choose them after
     bar = tqdm(range(steps), desc="spinquant", unit="step", disable=not progress)
     if batches_per_step < 1:
         raise ValueError(f"learn_rotations: batches_per_step={batches_per_step} must be >= 1")
@@ -157,7 +156,7 @@ def learn_rotations(model: torch.nn.Module, recipe: Recipe | str, batches, steps
             ids = batches[(step * batches_per_step + j) % len(batches)].to(device)
             rotated = rotated_tensors(base, plan, r1, r2)
             params = {t: v.to(dtypes[t]) for t, v in rotated.items()}
-            out = _FakeQuantRun(gm, params, quantize_weights, recipe.spin_estimator).run(ids)
+            out = _FakeQuantRun(gm, params, quantize_weights).run(ids)
             logits = out[0] if isinstance(out, (tuple, list)) else out
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
             for g, d in zip(grads, torch.autograd.grad(loss / batches_per_step, leaves)):
@@ -165,9 +164,8 @@ def learn_rotations(model: torch.nn.Module, recipe: Recipe | str, batches, steps
             loss_sum += loss.item()
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"spinquant: loss is {loss.item()} at step {step}; lower the learning rate")
-        step_lr = lr * (1 - step / steps) if recipe.spin_schedule == "linear" else lr
         with torch.no_grad():
-            r1 = cayley_step(r1.detach(), grads[0], step_lr)
-            r2 = {k: cayley_step(v.detach(), g, step_lr) for (k, v), g in zip(r2.items(), grads[1:])}
+            r1 = cayley_step(r1.detach(), grads[0], lr)
+            r2 = {k: cayley_step(v.detach(), g, lr) for (k, v), g in zip(r2.items(), grads[1:])}
         bar.set_postfix(loss=f"{loss_sum / batches_per_step:.3f}")
     return {"R1": r1.detach().cpu(), **{k: v.detach().cpu() for k, v in r2.items()}}

@@ -40,7 +40,7 @@ def insert_observers(gm: GraphModule, recipe: Recipe) -> GraphModule:
             if key in shared_hessians:
                 node.replace_input_with(node.args[0], shared_hessians[key])
             else:
-                hessian = kind(plan.in_features, name=plan.path, device=device, first_token_weight=recipe.sink_weight)
+                hessian = kind(plan.in_features, name=plan.path, device=device, first_token_weight=recipe.gptq.sink_weight)
                 shared_hessians[key] = _observe_input(gm, node, f"{plan.path}.{HESSIAN_SUFFIX}", hessian)
                 inserted += 1
         if any(m in TRANSFORM_METHODS for m in recipe.methods):

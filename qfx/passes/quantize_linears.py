@@ -71,10 +71,10 @@ def _gptq_weight_tensors(w: torch.Tensor, spec: QuantSpec, hessian: HessianObser
     group = spec.group_size if spec.granularity == "group" else None
     model_dtype = w.dtype
     if isinstance(hessian, AsymmetricHessianObserver):  # GPTAQ: GPTQ towards the full-precision outputs
-        w = asymmetric_target(w, hessian.hessian, hessian.delta_cross, recipe.damp, recipe.gptaq_alpha)
-    codes, scale, zero = gptq_quantize(w, hessian.hessian, spec.bits, spec.symmetric, group, damp=recipe.damp,
-                                       act_order=recipe.act_order, clip_ratio=spec.clip_ratio,
-                                       range_search=recipe.range_search,
+        w = asymmetric_target(w, hessian.hessian, hessian.delta_cross, recipe.gptq.damp, recipe.gptaq.alpha)
+    codes, scale, zero = gptq_quantize(w, hessian.hessian, spec.bits, spec.symmetric, group, damp=recipe.gptq.damp,
+                                       act_order=recipe.gptq.act_order, clip_ratio=spec.clip_ratio,
+                                       range_search=recipe.gptq.range_search,
                                        scale_dtype=model_dtype if spec.scale_dtype == "model" else None)
     out = {"qweight": P.pack(codes, spec.bits), "w_scale": scale}
     if zero is not None:

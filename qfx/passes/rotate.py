@@ -214,4 +214,4 @@ def rotate_for_recipe(gm: GraphModule, recipe, compute: bool = True,
     if compute and rotations is None and "spinquant" in recipe.methods:
         raise RotationError("spinquant learns its rotations from calibration data: use qfx.quantize(model, recipe, "
                             "calib=...), or qfx.learn_rotations(...) and prepare(..., rotations=...)")
-    return rotate(gm, recipe.rotation_seed, rotations, compute=compute)
+    return rotate(gm, recipe.rotation.seed, rotations, compute=compute)
