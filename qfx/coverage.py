@@ -70,21 +70,20 @@ def projections(gm: GraphModule) -> list[Projection]:
     return list(found.values())
 
 
-def check_coverage(gm: GraphModule, quantizes_weights: bool) -> None:
-    """Record `total_linears` in gm.meta["qfx"]; warn about unrecognised projections; refuse
-    when the recipe quantizes weights and no projection could be planned."""
+def check_coverage(gm: GraphModule, quantizes_weights: bool) -> str | None:
+    """Record `total_linears` in gm.meta["qfx"]; warn about unrecognised projections. Returns
+    the refusal (a message) when the recipe quantizes weights and no projection could be planned."""
     found = projections(gm)
     gm.meta.setdefault("qfx", {})["total_linears"] = len(found)
     missed = [p for p in found if p.status == "unrecognised"]
     planned = sum(p.status == "quantized" for p in found)
     if quantizes_weights and planned == 0 and missed:
-        from qfx.pipeline import QuantizeError
-
-        raise QuantizeError(f"no projection could be quantized: {_listed(missed)} "
-                            "(a product of activations with a shared or batched weight is not rewritten into a linear)")
+        return (f"no projection could be quantized: {_listed(missed)} "
+                "(a product of activations with a shared or batched weight is not rewritten into a linear)")
     if missed:
         warnings.warn(f"{len(missed)} of {len(found)} projection weights stay in full precision because qfx does not "
                       f"rewrite the product that reads them: {_listed(missed)}", stacklevel=3)
+    return None
 
 
 def _listed(items: list[Projection], most: int = 4) -> str:

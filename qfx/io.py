@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch.fx import GraphModule
 
 from qfx.capture import capture, get_attr_tensor, hf_dynamic_shapes, set_attr_tensor
+from qfx.checkpoint_folder import CheckpointError, atomic_dir
 from qfx.config import Recipe
 from qfx.pipeline import for_tensors
 
@@ -33,9 +33,6 @@ FORMAT_VERSION = 2  # 2: online rotations of sizes 156 * 2^k and 172 * 2^k use H
 META_FILE = "qfx.json"
 WEIGHTS_FILE = "model.safetensors"
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint folder that is missing, corrupt, or does not match its model."""
 
 
 def _tensor_targets(gm: GraphModule) -> list[str]:
@@ -77,7 +74,7 @@ def save(qmodel: GraphModule, path: str | os.PathLike, tokenizer=None, overwrite
         "counts": info.get("counts", {}),
         "versions": _versions(),
     }
-    with _atomic_dir(path, overwrite) as tmp:
+    with atomic_dir(path, overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
         if tokenizer is not None:
@@ -227,40 +224,6 @@ def _versions() -> dict:
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__}
-
-
-class _atomic_dir:
-    """Context manager: a temporary folder next to `path`, renamed to `path` on success."""
-
-    def __init__(self, path, overwrite: bool):
-        self.path = Path(path)
-        self.overwrite = overwrite
-
-    def __enter__(self) -> Path:
-        if self.path.exists() and not self.overwrite:
-            raise CheckpointError(f"{self.path} exists; choose another output or allow overwriting")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
-        self.umask = os.umask(0)
-        os.umask(self.umask)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        # mkdtemp (and the safetensors writer) make private files; a checkpoint is not private
-        os.chmod(self.tmp, 0o777 & ~self.umask)
-        for f in self.tmp.rglob("*"):
-            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~self.umask)
-        old = None
-        if self.path.exists():
-            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-            os.replace(self.path, old)
-        os.replace(self.tmp, self.path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return False
 
 
 # -- torch.export programs ----------------------------------------------------------------

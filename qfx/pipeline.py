@@ -46,7 +46,8 @@ def lay_out(gm: GraphModule, recipe: Recipe, *, compute: bool = True,
     gm = rotate_for_recipe(gm, recipe, rotations=rotations, compute=compute)
     gm = quantize_kv_cache(gm, recipe.kv)
     gm = annotate_linears(gm, recipe)
-    check_coverage(gm, quantizes_weights=recipe.weight is not None)
+    if refusal := check_coverage(gm, quantizes_weights=recipe.weight is not None):
+        raise QuantizeError(refusal)
     return gm
 
 

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch.fx import GraphModule
 
 from qfx.capture import get_attr_tensor
+from qfx.checkpoint_folder import CheckpointError, atomic_dir
 from qfx.ops import QuantizedLinearArgs
 from qfx.passes.annotate_linears import LinearPlan
 
@@ -105,9 +106,8 @@ def hf_config(gm: GraphModule, layers: list[QuantizedLayer], quantization_config
 
 def write_hf_folder(path, config: dict, tensors: dict[str, torch.Tensor], tokenizer=None, extra_files=None) -> Path:
     """Write config.json, model.safetensors, tokenizer files (atomically: temp folder, rename)."""
-    from qfx.io import _atomic_dir
 
-    with _atomic_dir(path, overwrite=False) as tmp:
+    with atomic_dir(path, overwrite=False) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str))
         for name, content in (extra_files or {}).items():
@@ -138,7 +138,6 @@ class ImportedCheckpoint:
     def __init__(self, path):
         from safetensors.torch import load_file
 
-        from qfx.io import CheckpointError
 
         self.path = Path(path)
         config_file = self.path / "config.json"
@@ -160,7 +159,6 @@ class ImportedCheckpoint:
                 raise CheckpointError(f"{f}: cannot read safetensors ({e})") from None
 
     def take(self, name: str) -> torch.Tensor:
-        from qfx.io import CheckpointError
 
         if name not in self.tensors:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
@@ -176,7 +174,6 @@ def build_imported_graph(ckpt: ImportedCheckpoint, recipe_for, fill_layer, devic
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from qfx.capture import capture, linear_nodes, module_path, set_attr_tensor
-    from qfx.io import CheckpointError
     from qfx.passes.annotate_linears import plans
     from qfx.passes.canonicalize_linears import canonicalize_linears
     from qfx.pipeline import for_tensors

@@ -19,6 +19,7 @@ import torch
 from torch.fx import GraphModule
 
 from qfx import primitives as P
+from qfx.checkpoint_folder import CheckpointError
 from qfx.formats import ExportError, QuantizedLayer, dense_state, hf_config, quantized_layers, write_hf_folder
 
 GPTQ_BITS = (2, 4, 8)
@@ -111,7 +112,6 @@ def import_gptq(path, device="cpu") -> GraphModule:
     """A GPTQ v1 folder as a graph of qfx ops (act-order checkpoints are refused)."""
     from qfx.config import LayerRule, Recipe, weight_spec
     from qfx.formats import ImportedCheckpoint, build_imported_graph
-    from qfx.io import CheckpointError
 
     ckpt = ImportedCheckpoint(path)
     qc = ckpt.quant_config

@@ -27,38 +27,12 @@ import triton.language as tl
 
 from qfx.lowering.kernels import interpreting, split_k, tuning
 from qfx.lowering.kernels.layout import KernelWeight, dequantize_kernel_weight
+from qfx.lowering.kernels.hadamard_rows import hadamard_quantize_rows, hadamard_rows
+from qfx.lowering.kernels.quantize_tile import quantize_tile_fp8, quantize_tile_int8
 from qfx.lowering.kernels.split_k import store_tile
 from qfx.lowering.kernels.tuning import Config
 from qfx.lowering.kernels.wint_a16 import (fit_block_k, fit_split, load_packed_codes, load_packed_codes_once,
                                            tile_ids)
-
-
-@triton.jit
-def round_to_e4m3_grid(v):
-    """v (|v| <= 448, float32) rounded half-to-even onto the e4m3 grid, still float32.
-
-    Used under the Triton interpreter only, whose float32 -> e4m3 cast does not carry a
-    mantissa round-up into the exponent (31.1 becomes 16, not 32); GPUs cast correctly.
-    """
-    exponent = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-    ulp = ((tl.maximum(exponent, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2^(e - 3)
-    return ((tl.math.div_rn(v, ulp) + 12582912.0) - 12582912.0) * ulp  # 1.5 * 2^23: round half to even
-
-
-@triton.jit
-def quantize_tile_fp8(a, inv_scale, EXACT_FP8_CAST: tl.constexpr):
-    """float32 tile (BM, BK) times 1/scale per row, saturated -> e4m3."""
-    v = tl.minimum(tl.maximum(a * inv_scale[:, None], -448.0), 448.0)
-    if EXACT_FP8_CAST:
-        v = round_to_e4m3_grid(v)
-    return v.to(tl.float8e4nv)
-
-
-@triton.jit
-def quantize_tile_int8(a, inv_scale):
-    """float32 tile (BM, BK) times 1/scale per row, rounded half to even and clamped -> int8."""
-    v = (a * inv_scale[:, None] + 12582912.0) - 12582912.0  # 1.5 * 2^23: rounds like torch.round
-    return tl.minimum(tl.maximum(v, -128.0), 127.0).to(tl.int8)
 
 
 @triton.jit
@@ -273,8 +247,6 @@ def act_quant_linear(x: torch.Tensor, kw: KernelWeight, a_scale: torch.Tensor | 
         x2 = x2.contiguous()
     out_dtype = x.dtype
     if hadamard:
-        from qfx.lowering.kernels.hadamard_rows import hadamard_quantize_rows, hadamard_rows
-
         if a_scale is None:
             x2, a_scale = hadamard_quantize_rows(x2, mix, kw.fp8)
         else:

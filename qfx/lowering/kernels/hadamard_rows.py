@@ -48,7 +48,7 @@ import triton.language as tl
 
 from qfx.lowering.kernels import interpreting, tuning
 from qfx.lowering.kernels.tuning import Config
-from qfx.lowering.kernels.act_quant_gemm import quantize_tile_fp8, quantize_tile_int8
+from qfx.lowering.kernels.quantize_tile import quantize_tile_fp8, quantize_tile_int8
 
 
 
