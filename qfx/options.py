@@ -141,7 +141,7 @@ def tokens(groups: dict[str, Any]) -> list[str]:
         elif value is None:
             out.append(m["none_token"])
         else:
-            out.append(f"{m['token']}{value}")
+            out.append(f"{m['token']}{_number(value)}")
     return out
 
 
@@ -170,8 +170,35 @@ def add_flags(parser) -> None:
                                 help=f"{m['doc']} ({'on' if f.default else 'off'} by default)")
         else:
             alt = f"; '{m['cli_value']}' = {m['none_token']}" if m["cli_value"] else ""
-            parser.add_argument(m["flag"], dest=dest, default=argparse.SUPPRESS, metavar="X",
+            parser.add_argument(m["flag"], dest=dest, default=argparse.SUPPRESS, metavar="X", type=_flag_type(f),
                                 help=f"{m['doc']} (default {f.default}{alt})")
+
+
+def _flag_type(f: dataclasses.Field) -> Callable[[str], Any]:
+    """argparse type of a setting's flag: its number, checked as the recipe checks it (a bad
+    value is one line naming the flag, exit code 2), or the flag's word for None."""
+    m, is_int = f.metadata, f.type in (int, "int")
+
+    def parse(text: str):
+        if m["cli_value"] and text == m["cli_value"]:
+            return text
+        try:
+            value = int(text) if is_int else float(text)
+        except ValueError:
+            value = None
+        if value is None or value != value or (m["check"] is not None and not m["check"](value)):
+            wanted = ("an integer" if is_int else "a number") + (f" {m['rule']}" if m["rule"] else "")
+            also = f" or '{m['cli_value']}'" if m["cli_value"] else ""
+            raise argparse.ArgumentTypeError(f"must be {wanted}{also}, got {text}")
+        return value
+
+    return parse
+
+
+def _number(value: float | int) -> str:
+    """A setting's value as its token writes it: plain digits, never an exponent."""
+    text = repr(value)
+    return f"{value:.12f}".rstrip("0") if "e" in text else text
 
 
 def flag_tokens(namespace) -> list[str]:
@@ -186,7 +213,7 @@ def flag_tokens(namespace) -> list[str]:
         elif m["cli_value"] and value == m["cli_value"]:
             out.append(m["none_token"])
         else:
-            out.append(f"{m['token']}{value}")
+            out.append(f"{m['token']}{_number(value)}")
     return out
 
 

@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-from qfx.config import ConfigError
 
 from qfx.cli import main, recipe_string, build_parser
 from tests.conftest import WIKITEXT
@@ -99,9 +98,7 @@ def test_recipe_string_from_flags():
     a = build_parser().parse_args(["quantize", "--method", "spinquant,gptq", "--a-bits", "4", "--no-act-order",
                                    "--spin-lr", "0.5", "--sq-alpha", "search", "--rotation-seed", "2"])
     assert recipe_string(a).endswith("a4 no-act-order sq-alpha-search rot-seed2 spin-lr0.5")
-    a = build_parser().parse_args(["quantize", "--method", "gptq", "--damp", "abc"])
-    with pytest.raises(ConfigError, match="'dampabc' from the command line"):
-        recipe_string(a)
+
 
 
 def test_export_command_writes_each_format(capsys, tmp_path, tiny_hf_dir):

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from qfx import cli
+from qfx import cli_parser as cli
 from qfx.cli import build_parser, main
 from tests.conftest import WIKITEXT
 
@@ -42,8 +42,18 @@ def test_the_table_covers_every_command_and_the_numeric_options():
     commands = {c for c, *_ in TABLE}
     assert commands == {"quantize", "eval", "generate"}
     options = {o for _, o, *_ in TABLE}
-    assert {"--eval-windows", "--seq-len", "--batch-size", "--calib-samples", "--spin-lr", "--top-p",
-            "--max-new-tokens", "--kv-group", "--damp"} <= options
+    assert {"--eval-windows", "--seq-len", "--batch-size", "--calib-samples", "--top-p",
+            "--max-new-tokens", "--kv-group"} <= options
+
+
+@pytest.mark.parametrize("option, value", [("--damp", "x"), ("--damp", "2"), ("--spin-lr", "0"), ("--spin-steps", "1.5"),
+                                           ("--sq-alpha", "auto"), ("--sink-weight", "nan")])
+def test_a_bad_method_setting_is_one_line_naming_the_flag(capsys, option, value):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["quantize", f"{option}={value}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert len(err.strip().splitlines()) == 1 and option in err and value in err, err
 
 
 @pytest.mark.parametrize("command, option, value, accepted", TABLE, ids=[f"{c} {o} {v}" for c, o, v, _ in TABLE])
