@@ -217,9 +217,10 @@ class _StageRun:
             touched = list(r.fold.targets) + list(r.weights)
             saved = {t: get_attr_tensor(self.module, t) for t in touched}
             specs = [self._plan(p).weight for p in r.linears]
-            best = None
-            for ratio in awq.scale_ratios():
-                s = r.tie(awq.awq_scale(mean, ratio))
+
+            def block_error(s: torch.Tensor, r=r, specs=specs, saved=saved) -> float:
+                """Sum of the block's output MSE on the search samples with s folded into
+                region r and its weights fake-quantized; the block's tensors restored after."""
                 apply_scale([self.module], r, s)
                 for t, spec in zip(r.weights, specs):
                     w = get_attr_tensor(self.module, t)
@@ -231,11 +232,12 @@ class _StageRun:
                                if isinstance(a, torch.Tensor) and a.is_floating_point())
                 for t, v in saved.items():
                     set_attr_tensor(self.module, t, v)
-                if best is None or err < best[0]:
-                    best = (err, s)
-            apply_scale([self.module, self.gm], r, best[1])
+                return err
+
+            best = awq.search_scale(mean, r.tie, block_error)
+            apply_scale([self.module, self.gm], r, best)
             for p in r.linears:
-                applied[p] = best[1]
+                applied[p] = best
         for _, plan in self.planned:  # clip search on the (scaled) weights and inputs
             if plan.weight.dtype != "int":
                 continue

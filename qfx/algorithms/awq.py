@@ -34,6 +34,20 @@ def awq_scale(act_mean: torch.Tensor, ratio: float) -> torch.Tensor:
     return s / (s.max() * s.min()).sqrt()
 
 
+def search_scale(act_mean: torch.Tensor, tie, block_error) -> torch.Tensor:
+    """AWQ's grid search: the scale s (K,) among `awq_scale(act_mean, ratio)` over
+    `scale_ratios()` whose `block_error(s)` is least. tie: makes s equal across channels that
+    must share a scale (`Region.tie`); block_error: the block's output error with s folded in
+    and the region's weights fake-quantized (the caller runs the block)."""
+    best = None
+    for ratio in scale_ratios():
+        s = tie(awq_scale(act_mean, ratio))
+        err = block_error(s)
+        if best is None or err < best[0]:
+            best = (err, s)
+    return best[1]
+
+
 def _group_error(w: torch.Tensor, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Output error per (row, group) of w (N, G, g) quantized with range [lo, hi] (N, G) on x (n, G, g)."""
     scale, zero = P.choose_qparams(lo, hi, spec.bits, spec.symmetric)

@@ -58,3 +58,23 @@ def test_asymmetric_clip_is_never_worse():
 
     joint, both = clip_search(w, x, spec), clip_search(w, x, spec, asymmetric=True)
     assert err(both) <= err(joint) + 1e-6 and err(joint) <= err(w) + 1e-6
+
+
+def test_search_scale_returns_the_grid_scale_with_the_least_block_error():
+    from qfx.algorithms.awq import awq_scale, scale_ratios, search_scale
+
+    mean = torch.tensor([1.0, 4.0, 2.0])
+    target = scale_ratios()[7]
+    seen = []
+
+    def block_error(s):  # s[1] = 2^r for this mean: the error is least at the target ratio
+        seen.append(s)
+        return float((torch.log2(s[1]) - target) ** 2)
+
+    def tie(s):  # channels 0 and 2 share a scale; applied before the error is measured
+        return torch.stack([s[0], s[1], s[0]])
+
+    best = search_scale(mean, tie, block_error)
+    torch.testing.assert_close(best, tie(awq_scale(mean, target)), rtol=0, atol=0)
+    assert all(s[2] == s[0] for s in seen)
+    assert len(seen) == len(scale_ratios())
