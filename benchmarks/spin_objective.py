@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from qfx.algorithms import spinquant as S  # noqa: E402
-from qfx.capture import capture, get_attr_tensor  # noqa: E402
+from qfx.learn_rotations import _FakeQuantRun, learn_rotations  # noqa: E402
+from qfx.capture import capture  # noqa: E402
+from qfx.graph import get_attr_tensor  # noqa: E402
 from qfx.config import Recipe  # noqa: E402
 from qfx.data import calibration_samples, eval_windows, read_text, tokenize  # noqa: E402
 from qfx.models import load_hf  # noqa: E402
@@ -65,7 +66,7 @@ def main() -> int:
         r1 = rot["R1"].to(a.device).float()
         r2 = {k: v.to(a.device).float() for k, v in rot.items() if k != "R1"}
         params = {t: v.to(dtypes[t]) for t, v in rotated_tensors(base, plan, r1, r2).items()}
-        run = S._FakeQuantRun(gm, params, False)
+        run = _FakeQuantRun(gm, params, False)
         if not quantized:
             run.planned = {}
         total = 0.0
@@ -79,7 +80,7 @@ def main() -> int:
     for steps in [int(s) for s in a.steps.split(",")]:
         for lr in [float(v) for v in a.lrs.split(",")]:
             t0 = time.time()
-            rot = S.learn_rotations(model, recipe, list(calib.split(1)), steps, lr, progress=False)
+            rot = learn_rotations(model, recipe, list(calib.split(1)), steps, lr, progress=False)
             row = {"steps": steps, "lr": lr, "learn_s": round(time.time() - t0, 1),
                    "calib_seen_16": loss(rot, calib[:16]), "calib_last_16": loss(rot, calib[-16:]),
                    "eval_8": loss(rot, held), "eval_8_full_precision": loss(rot, held, quantized=False)}

@@ -3,10 +3,11 @@
 from importlib.metadata import PackageNotFoundError, version as _version
 
 from qfx import ops as _ops  # noqa: F401  (registers the qfx:: custom ops)
-from qfx.algorithms.spinquant import learn_rotations
+from qfx.learn_rotations import learn_rotations
 from qfx.api import QuantizeError, convert, needs_calibration, prepare, quantize
 from qfx.calibrate import calibrate
-from qfx.capture import CaptureError, capture, decoder_blocks
+from qfx.capture import CaptureError, capture
+from qfx.graph import decoder_blocks
 from qfx.config import ConfigError, LayerRule, QuantSpec, Recipe
 from qfx.generate import GenerationError, GenerationOutput, Generator, generate
 from qfx.generation_graph import generation_graph

@@ -9,7 +9,7 @@ import torch
 from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
-from qfx.algorithms.spinquant import learn_rotations
+from qfx.learn_rotations import learn_rotations
 from qfx.calibrate import calibrate
 from qfx.capture import capture
 from qfx.config import TRANSFORM_METHODS, ConfigError, Recipe

@@ -27,7 +27,7 @@ from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
 from qfx.algorithms import awq, smoothquant
-from qfx.capture import get_attr_tensor, retarget_devices, set_attr_tensor
+from qfx.graph import get_attr_tensor, retarget_devices, set_attr_tensor
 from qfx.config import Recipe
 from qfx.observers import AsymmetricHessianObserver, ChannelStatsObserver, HessianObserver, RangeObserver
 from qfx.passes.annotate_linears import plans

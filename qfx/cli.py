@@ -99,7 +99,7 @@ def cmd_quantize(a: argparse.Namespace) -> dict:
                           on_rotations=save_rotations)
     calib_used, calib_seconds = timings["calib_samples"], timings["calib_seconds"]
     if home != a.device:
-        from qfx.capture import retarget_devices
+        from qfx.graph import retarget_devices
 
         qmodel = retarget_devices(qmodel.to(a.device), a.device)
     quant_seconds = time.time() - t_quant

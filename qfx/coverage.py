@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from qfx.capture import get_attr_tensor, module_path
+from qfx.graph import get_attr_tensor, module_path
 from qfx.passes.annotate_linears import LinearPlan, is_head
 
 aten = torch.ops.aten

@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.fx import GraphModule
 
-from qfx.capture import capture, get_attr_tensor, hf_dynamic_shapes, set_attr_tensor
+from qfx.capture import capture, hf_dynamic_shapes
+from qfx.graph import get_attr_tensor, set_attr_tensor
 from qfx.checkpoint_folder import CheckpointError, atomic_dir
 from qfx.config import Recipe
 from qfx.pipeline import for_tensors

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
-from qfx.capture import linear_nodes
+from qfx.graph import linear_nodes
 from qfx.config import Recipe
 from qfx.coverage import check_coverage
 from qfx.passes.annotate_linears import annotate_linears

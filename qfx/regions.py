@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from qfx.capture import LINEAR_TARGETS, get_attr_tensor, module_path, set_attr_tensor
+from qfx.graph import get_attr_tensor, LINEAR_TARGETS, module_path, set_attr_tensor
 
 aten = torch.ops.aten
 CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default, aten.clone.default,
@@ -225,7 +225,7 @@ def _producer_fold(gm: GraphModule, x: Node, k: int, consumers: set[Node]) -> tu
 
 def find_regions(gm: GraphModule, linears: list[Node] | None = None) -> list[Region]:
     """Regions over `linears` (default: every linear with a parameter weight), in graph order."""
-    from qfx.capture import linear_nodes
+    from qfx.graph import linear_nodes
 
     linears = linear_nodes(gm) if linears is None else linears
     groups: dict[Node, list[Node]] = {}

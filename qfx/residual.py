@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import GraphModule, Node
 
-from qfx.capture import LINEAR_TARGETS, get_attr_tensor, module_path
+from qfx.graph import get_attr_tensor, LINEAR_TARGETS, module_path
 from qfx.regions import CASTS
 
 aten = torch.ops.aten

@@ -1,7 +1,7 @@
 """Split a captured graph into stages that run one after the other: prefix, decoder blocks, suffix.
 
 Stage 0 holds what comes before the first block (embedding, rotary tables, masks), stages
-1..N the decoder blocks (found by `qfx.capture.decoder_blocks`), stage N+1 what follows the
+1..N the decoder blocks (found by `qfx.graph.decoder_blocks`), stage N+1 what follows the
 last block (final norm, head). Each stage is its own GraphModule whose get_attr and
 call_module targets are the *same* tensors and modules as the source graph's, so observers
 see the same objects; rebinding an attribute on a stage (e.g. to a device copy) leaves the
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch.fx import Graph, GraphModule, Node
 
-from qfx.capture import _clean_path, decoder_blocks
+from qfx.graph import clean_path, decoder_blocks
 
 
 @dataclass
@@ -28,7 +28,7 @@ class Stage:
 
 def _block_of(node: Node, block_paths: dict[str, int]) -> int | None:
     for path, _cls in (node.meta.get("nn_module_stack") or {}).values():
-        idx = block_paths.get(_clean_path(path))
+        idx = block_paths.get(clean_path(path))
         if idx is not None:
             return idx
     return None

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from qfx.capture import CaptureError, capture, decoder_blocks, linear_nodes, module_path
+from qfx.capture import CaptureError, capture
+from qfx.graph import decoder_blocks, linear_nodes, module_path
 from tests.conftest import tiny_configs, tiny_model
 
 EXPECTED_LINEARS = {"llama": 15, "mistral": 15, "qwen2": 15, "gemma": 15, "phi3": 9, "opt": 13, "gpt2": 1}

@@ -80,7 +80,7 @@ def gptq_block_ref(w1: torch.Tensor, hinv1: torch.Tensor, cols: list[int], codes
                    scale: torch.Tensor, zero: torch.Tensor | None, bits: int, symmetric: bool, group: int,
                    static: bool, clip_ratio: float, scale_dtype: torch.dtype | None = None) -> torch.Tensor:
     """One lazy batch of GPTQ's columns (original indices `cols`) in PyTorch; on CUDA the Triton
-    kernel `qfx.lowering.kernels.gptq_block` runs the same loop in one launch.
+    kernel `qfx.algorithms.gptq_block` runs the same loop in one launch.
 
     w1 (N, width): the batch's current columns, used as scratch; codes (N, K) and, for non-static groups, scale / zero
     (N, G) are written at the batch's columns and groups (their scales rounded to nearest in
@@ -130,7 +130,7 @@ def gptq_quantize(
     """GPTQ of w (N, K) against Hessian h (K, K).
 
     Runs on w's device, in float32 (float64 inputs stay float64); on CUDA in float32 each lazy
-    batch of columns is one Triton launch (`qfx.lowering.kernels.gptq_block`).
+    batch of columns is one Triton launch (`qfx.algorithms.gptq_block`).
     Returns codes (N, K) uint8, scale (N, G) float32, zero (N, G) uint8 or None, in the
     layout of `qfx.primitives` (groups contiguous in the original column order). With
     act_order, columns are visited by decreasing Hessian diagonal and group qparams are
@@ -191,7 +191,7 @@ def gptq_quantize(
         i2 = min(i1 + width, k)
         w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
         if fused:
-            from qfx.lowering.kernels.gptq_block import gptq_block
+            from qfx.algorithms.gptq_block import gptq_block
 
             err1 = gptq_block(w1, hinv1, perm[i1:i2], codes, scale, zero, bits, symmetric, g, static, clip_ratio,
                               rounding)

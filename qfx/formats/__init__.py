@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch.fx import GraphModule
 
-from qfx.capture import get_attr_tensor
+from qfx.graph import get_attr_tensor
 from qfx.checkpoint_folder import CheckpointError, atomic_dir
 from qfx.ops import QuantizedLinearArgs
 from qfx.passes.annotate_linears import LinearPlan
@@ -173,7 +173,8 @@ def build_imported_graph(ckpt: ImportedCheckpoint, recipe_for, fill_layer, devic
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qfx.capture import capture, linear_nodes, module_path, set_attr_tensor
+    from qfx.capture import capture
+    from qfx.graph import linear_nodes, module_path, set_attr_tensor
     from qfx.passes.annotate_linears import plans
     from qfx.passes.canonicalize_linears import canonicalize_linears
     from qfx.pipeline import for_tensors

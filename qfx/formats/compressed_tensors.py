@@ -156,7 +156,7 @@ def export_compressed_tensors(qmodel: GraphModule, path, tokenizer=None) -> None
 
 
 def _ignored_linears(gm: GraphModule, layers: list[QuantizedLayer]) -> list[str]:
-    from qfx.capture import linear_nodes, module_path
+    from qfx.graph import linear_nodes, module_path
 
     quantized = {layer.path for layer in layers}
     return sorted({module_path(n) for n in linear_nodes(gm)} - quantized)

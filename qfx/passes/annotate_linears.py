@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch.fx import GraphModule, Node
 
-from qfx.capture import get_attr_tensor, linear_nodes, module_path
+from qfx.graph import get_attr_tensor, linear_nodes, module_path
 from qfx.config import ConfigError, QuantSpec, Recipe
 from qfx.passes import finish
 

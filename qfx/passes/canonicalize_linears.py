@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from qfx.capture import get_attr_tensor
+from qfx.graph import get_attr_tensor
 from qfx.passes import finish
 
 aten = torch.ops.aten

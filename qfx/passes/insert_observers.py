@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch.fx import GraphModule
 
-from qfx.capture import get_attr_tensor
+from qfx.graph import get_attr_tensor
 from qfx.config import TRANSFORM_METHODS, Recipe
 from qfx.observers import OBSERVER_TYPES, AsymmetricHessianObserver, ChannelStatsObserver, HessianObserver
 from qfx.passes import finish

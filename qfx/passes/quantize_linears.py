@@ -20,7 +20,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qfx import primitives as P
-from qfx.capture import get_attr_tensor, set_attr_tensor
+from qfx.graph import get_attr_tensor, set_attr_tensor
 from qfx.algorithms.gptaq import asymmetric_target
 from qfx.algorithms.gptq import gptq_quantize
 from qfx.config import ConfigError, QuantSpec, Recipe

@@ -30,7 +30,7 @@ from torch.fx import GraphModule, Node
 
 import qfx.ops  # noqa: F401  (registers torch.ops.qfx.hadamard)
 from qfx.algorithms.hadamard import hadamard_dense, orthogonal
-from qfx.capture import get_attr_tensor, module_path
+from qfx.graph import get_attr_tensor, module_path
 from qfx.passes import finish
 from qfx.passes.fold_norms import RotationError, fold_norm_weights, prepare_stream, rebind
 from qfx.regions import ATTENTION, Region, find_regions
@@ -204,7 +204,7 @@ def rotate_for_recipe(gm: GraphModule, recipe, compute: bool = True,
     """`rotate` when the recipe's pipeline has a rotation method (see qfx.config.ROTATION_METHODS).
 
     Rotations come from `rotations`, else the recipe's rotation_path, else (quarot) random
-    Hadamard matrices; spinquant needs learned ones (`qfx.algorithms.spinquant`)."""
+    Hadamard matrices; spinquant needs learned ones (`qfx.learn_rotations`)."""
     from qfx.config import ROTATION_METHODS
 
     if not any(m in ROTATION_METHODS for m in recipe.methods):

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import qfx
-from qfx.algorithms.spinquant import cayley_step, learn_rotations
+from qfx.algorithms.spinquant import cayley_step
+from qfx.learn_rotations import learn_rotations
 from qfx.config import Recipe
 from tests.conftest import tiny_model
 
@@ -96,7 +97,7 @@ def test_lsq_activation_quantizes_as_the_op_and_differentiates_the_scale(clip):
     # |x|, sign(x) * clip / 7.5 * sum_i c_i (q_i - x_i / s) (the scale's share; int4:
     # s = clip max|x| / 7.5, and q_i alone where the code is clamped). The hand-written backward
     # also matches autograd through plain ops.
-    from qfx.algorithms.spinquant import _LsqActivation
+    from qfx.algorithms.spinquant import LsqActivation as _LsqActivation
     from qfx.ops import fake_quantize_activation
 
     g = torch.Generator().manual_seed(4)
@@ -127,7 +128,7 @@ def test_lsq_activation_quantizes_as_the_op_and_differentiates_the_scale(clip):
 def test_lsq_activation_takes_bf16_and_all_zero_tokens():
     # bf16 in (as the model's activations are), float32 out, gradient back in bf16; a token of
     # zeros has a clamped scale, which passes no gradient (autograd's clamp does the same).
-    from qfx.algorithms.spinquant import _LsqActivation
+    from qfx.algorithms.spinquant import LsqActivation as _LsqActivation
 
     g = torch.Generator().manual_seed(6)
     x = torch.randn(4, 64, generator=g).to(torch.bfloat16)

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from qfx.capture import capture, linear_nodes
+from qfx.capture import capture
+from qfx.graph import linear_nodes
 from qfx.passes import counts
 from qfx.passes.canonicalize_linears import canonicalize_linears
 from tests.conftest import tiny_model

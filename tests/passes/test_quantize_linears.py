@@ -1,7 +1,8 @@
 import torch
 
 from qfx import primitives as P
-from qfx.capture import capture, get_attr_tensor, linear_nodes
+from qfx.capture import capture
+from qfx.graph import get_attr_tensor, linear_nodes
 from qfx.config import Recipe
 from qfx.passes import counts
 from qfx.passes.annotate_linears import annotate_linears

@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 from qfx import primitives as P
 from qfx.algorithms.gptq import gptq_block_ref, gptq_quantize, inverse_hessian_cholesky
-from qfx.lowering.kernels.gptq_block import gptq_block
+from qfx.algorithms.gptq_block import gptq_block
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MAX_FLIPPED = 0.0 if DEVICE == "cpu" else 0.01
