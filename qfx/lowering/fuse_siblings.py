@@ -23,6 +23,7 @@ from torch.fx import GraphModule, Node
 from qfx.lowering.constant_inputs import ConstantInputs
 from qfx.lowering.kernel_op import KernelLinearArgs
 from qfx.lowering.lower_kernels import KERNEL_LINEAR, tensor_behind
+from qfx.passes import finish
 
 
 def _sibling_groups(gm: GraphModule, inputs: dict[Node, torch.Tensor]) -> list[list[Node]]:
@@ -82,6 +83,5 @@ def fuse_sibling_kernels(gm: GraphModule, example_inputs, constants: ConstantInp
             gm.graph.erase_node(node)
         replaced += len(nodes)
         made += 1
-    gm.graph.lint()
-    gm.recompile()
+    finish(gm, "fuse_siblings", replaced)
     return {"fused": replaced, "fused_into": made}

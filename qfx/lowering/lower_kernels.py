@@ -27,6 +27,7 @@ from qfx.lowering.kernel_op import KernelLinearArgs
 from qfx.lowering.kernels import act_quant_gemm, hadamard_rows, split_k, wint_a16
 from qfx.lowering.kernels.layout import kernel_weight
 from qfx.ops import NO_ACT_QUANT, QuantizedLinearArgs
+from qfx.passes import finish
 
 QUANTIZED_LINEAR = torch.ops.qfx.quantized_linear.default
 KERNEL_LINEAR = torch.ops.qfx.kernel_linear.default
@@ -128,8 +129,7 @@ def lower_kernels(gm: GraphModule, example_inputs, constants: ConstantInputs) ->
         gm.graph.erase_node(node)
         lowered += 1
     rotations = _lower_rotations(gm, mixes, unsupported)
-    gm.graph.lint()
-    gm.recompile()
+    finish(gm, "lower_kernels", lowered + rotations)
     return {"lowered": lowered, "rotations_fused": fused_rotations, "rotations_lowered": rotations,
             "unsupported": unsupported}
 

@@ -23,6 +23,7 @@ from torch.fx import GraphModule, Node
 from qfx.config import ConfigError, Recipe
 from qfx.lowering.constant_inputs import ConstantInputs
 from qfx.ops import NO_ACT_QUANT, QuantizedLinearArgs
+from qfx.passes import finish
 from qfx.passes.annotate_linears import is_head
 from qfx.passes.quantize_kv import insert_kv_quantizers
 from qfx.quantizer import op_group_size, quantize_weight_tensors
@@ -86,8 +87,7 @@ def quantize_on_the_fly(gm: GraphModule, example_inputs, recipe: Recipe, constan
         done += 1
     if recipe.kv is not None:  # keys and values through qfx::quantize_kv, as qfx.quantize puts them
         insert_kv_quantizers(gm, recipe.kv, ATTENTIONS)
-    gm.graph.lint()
-    gm.recompile()
+    finish(gm, "quantize_on_the_fly", done)
     return done
 
 
