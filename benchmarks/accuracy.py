@@ -25,6 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from results_notes import write_keeping_notes
+
 ROOT = Path(__file__).resolve().parents[1]
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext2_test.txt"
 SETTINGS = {
@@ -121,10 +123,7 @@ def write(rows: list[dict], a, header: dict) -> None:
         method = r["method"] + (f" ({r['run']})" if r.get("run") else "")
         lines.append(f"| {r['setting']} | {method} | {r['tool']} | {r['ppl']:.3f} | {gap} | "
                      f"{r['calib_seconds']:.0f} | {r['peak_mem_mb']:.0f} |")
-    md = out / f"{stem}.md"
-    old = md.read_text() if md.exists() else ""
-    notes = old[old.index("\n## Notes"):] if "\n## Notes" in old else ""  # written by hand about the run
-    md.write_text("\n".join(lines) + "\n" + notes)
+    write_keeping_notes(out / f"{stem}.md", "\n".join(lines))
 
 
 def merge(a) -> None:

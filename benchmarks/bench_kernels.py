@@ -55,6 +55,7 @@ from qfx.lowering.kernels import act_quant_gemm, hadamard_rows, tuning, wint_a16
 from qfx.ops import hadamard_ref  # noqa: E402
 from qfx.lowering.kernels.layout import KernelWeight, kernel_weight  # noqa: E402
 from qfx.quantizer import op_group_size, quantize_weight_tensors  # noqa: E402
+from results_notes import write_keeping_notes  # noqa: E402
 
 SHAPES = {  # name: (N, K) of y = x W^T
     "8b.qkv": (6144, 4096), "8b.o": (4096, 4096), "8b.gate_up": (28672, 4096), "8b.down": (4096, 14336),
@@ -288,10 +289,7 @@ def write_results(out: Path, rows: list[dict], meta: dict) -> None:
                           if k.endswith("TFLOPs"))
               + ".\n\nratio = cuBLAS bf16 time / qfx time. qfx W8A8/FP8/W4A8 include per-token activation "
               "quantization; int_mm and scaled_mm are the GEMM alone. Notes: " + "; ".join(meta["notes"]))
-    md = out / "kernels.md"
-    old = md.read_text() if md.exists() else ""
-    notes = old[old.index("\n## Notes"):] if "\n## Notes" in old else ""
-    md.write_text(markdown(rows, header).rstrip("\n") + "\n" + notes)
+    write_keeping_notes(out / "kernels.md", markdown(rows, header))
 
 
 def main(argv=None) -> int:

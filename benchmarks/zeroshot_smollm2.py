@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import qfx  # noqa: E402
+from results_notes import write_keeping_notes  # noqa: E402
 from qfx.data import calibration_samples, eval_windows, read_text, tokenize  # noqa: E402
 from qfx.eval import perplexity  # noqa: E402
 from qfx.models import load_hf  # noqa: E402
@@ -132,8 +133,6 @@ def write(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".json.tmp")  # a reader never sees half a file
     tmp.write_text(json.dumps(data, indent=1))
     tmp.replace(path)
-    md = path.with_suffix(".md")
-    notes = md.read_text().partition("\n## Notes")[2] if md.exists() else ""
     order = ["full precision", *GRID]
     rows = sorted(data["rows"], key=lambda r: (order.index(r["cell"]) if r["cell"] in order else len(order),
                                                r["mode"]))
@@ -170,7 +169,7 @@ def write(path: Path, data: dict) -> None:
         lines += ["", f"Standard errors of the full-precision row (points; every other row's are within "
                   f"{100 * spread:.1f} of these): " + ", ".join(f"{t} {100 * fp['results'][t][m + '_stderr']:.1f}"
                                         for t, m in HEADLINE.items()) + "."]
-    md.write_text("\n".join(lines) + "\n" + ("\n## Notes" + notes if notes else ""))
+    write_keeping_notes(path.with_suffix(".md"), "\n".join(lines))
 
 
 if __name__ == "__main__":
