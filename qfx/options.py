@@ -98,6 +98,20 @@ def settings() -> list[tuple[str, dataclasses.Field]]:
     return [(g, f) for g, cls in GROUPS.items() for f in dataclasses.fields(cls)]
 
 
+def _kind(f: dataclasses.Field) -> str:
+    """"bool", "int" or "float" (a None-able float too): what the field's annotation says."""
+    name = f.type if isinstance(f.type, str) else f.type.__name__  # a string under postponed annotations
+    return name if name in ("bool", "int") else "float"
+
+
+def _token(f: dataclasses.Field, value: Any) -> str:
+    """The recipe token that sets `f` to `value`."""
+    m = f.metadata
+    if _kind(f) == "bool":
+        return m["token"] if value else "no-" + m["token"]
+    return m["none_token"] if value is None else f"{m['token']}{_number(value)}"
+
+
 def check(group: str, options: Any) -> str | None:
     """The first invalid setting of one group, as an error message, or None."""
     for f in dataclasses.fields(options):
@@ -110,15 +124,15 @@ def check(group: str, options: Any) -> str | None:
 def parse_token(token: str) -> tuple[str, str, Any] | None:
     """(group, field, value) that a recipe token sets, or None if it is not a method setting."""
     for group, f in settings():
-        m = f.metadata
-        if f.type in (bool, "bool"):
+        m, kind = f.metadata, _kind(f)
+        if kind == "bool":
             if token in (m["token"], "no-" + m["token"]):
                 return group, f.name, token == m["token"]
         elif m["none_token"] and token == m["none_token"]:
             return group, f.name, None
-        elif f.type in (int, "int") and (hit := re.fullmatch(re.escape(m["token"]) + r"(\d+)", token)):
+        elif kind == "int" and (hit := re.fullmatch(re.escape(m["token"]) + r"(\d+)", token)):
             return group, f.name, int(hit[1])
-        elif f.type not in (int, "int") and (hit := re.fullmatch(re.escape(m["token"]) + _NUMBER, token)):
+        elif kind == "float" and (hit := re.fullmatch(re.escape(m["token"]) + _NUMBER, token)):
             return group, f.name, float(hit[1])
     return None
 
@@ -131,18 +145,8 @@ def setting_key(token: str) -> str | None:
 
 def tokens(groups: dict[str, Any]) -> list[str]:
     """Recipe tokens for every setting that differs from its default."""
-    out = []
-    for group, f in settings():
-        value, m = getattr(groups[group], f.name), f.metadata
-        if value == f.default:
-            continue
-        if f.type in (bool, "bool"):
-            out.append(m["token"] if value else "no-" + m["token"])
-        elif value is None:
-            out.append(m["none_token"])
-        else:
-            out.append(f"{m['token']}{_number(value)}")
-    return out
+    return [_token(f, getattr(groups[group], f.name)) for group, f in settings()
+            if getattr(groups[group], f.name) != f.default]
 
 
 def from_saved(d: dict) -> dict[str, Any]:
@@ -164,7 +168,7 @@ def add_flags(parser) -> None:
     """One `qfx quantize` flag per setting (argparse dest `<group>__<field>`, absent unless given)."""
     for group, f in settings():
         m, dest = f.metadata, f"{group}__{f.name}"
-        if f.type in (bool, "bool"):
+        if _kind(f) == "bool":
             flag = "--no-" + m["token"] if f.default else m["flag"]
             parser.add_argument(flag, dest=dest, action="store_const", const=not f.default, default=argparse.SUPPRESS,
                                 help=f"{m['doc']} ({'on' if f.default else 'off'} by default)")
@@ -177,7 +181,7 @@ def add_flags(parser) -> None:
 def _flag_type(f: dataclasses.Field) -> Callable[[str], Any]:
     """argparse type of a setting's flag: its number, checked as the recipe checks it (a bad
     value is one line naming the flag, exit code 2), or the flag's word for None."""
-    m, is_int = f.metadata, f.type in (int, "int")
+    m, is_int = f.metadata, _kind(f) == "int"
 
     def parse(text: str):
         if m["cli_value"] and text == m["cli_value"]:
@@ -205,15 +209,9 @@ def flag_tokens(namespace) -> list[str]:
     """The recipe tokens of the setting flags given on the command line."""
     out = []
     for group, f in settings():
-        value, m = getattr(namespace, f"{group}__{f.name}", None), f.metadata
-        if value is None:
-            continue
-        if f.type in (bool, "bool"):
-            out.append(m["token"] if value else "no-" + m["token"])
-        elif m["cli_value"] and value == m["cli_value"]:
-            out.append(m["none_token"])
-        else:
-            out.append(f"{m['token']}{_number(value)}")
+        value = getattr(namespace, f"{group}__{f.name}", None)  # absent unless given
+        if value is not None:
+            out.append(_token(f, None if value == f.metadata["cli_value"] else value))
     return out
 
 
@@ -222,10 +220,10 @@ def option_table() -> str:
     rows = ["| token | default | meaning |", "|---|---|---|"]
     for _group, f in settings():
         m = f.metadata
-        if f.type in (bool, "bool"):
+        if _kind(f) == "bool":
             token, default = f"`{m['token']}` / `no-{m['token']}`", "on" if f.default else "off"
         else:
-            number = "N" if f.type in (int, "int") else "X"
+            number = "N" if _kind(f) == "int" else "X"
             token = f"`{m['token']}{number}`" + (f", `{m['none_token']}`" if m["none_token"] else "")
             default = str(f.default)
         rows.append(f"| {token} | {default} | {m['doc']} |")
