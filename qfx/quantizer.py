@@ -13,7 +13,6 @@ import torch
 
 from qfx import primitives as P
 from qfx.config import QuantSpec
-from qfx.ops import dequantize_packed
 from qfx.ops import fake_quantize_activation as op_fake_quantize_activation
 
 
@@ -29,10 +28,21 @@ def quantize_weight_tensors(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch
     among the representable scales next to its own, the one that reconstructs it best (plain
     rounding shifts every weight of a group by the same factor, up to 0.4 % in bfloat16).
     """
+    codes, scale, zero = _codes(w, spec)
+    if spec.dtype == "fp8":
+        return {"qweight": codes, "w_scale": scale}
+    out = {"qweight": P.pack(codes, spec.bits), "w_scale": scale}
+    if zero is not None:
+        out["w_zero"] = zero
+    return out
+
+
+def _codes(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(codes (N, K) unpacked uint8, or float8 for fp8; scales (N, G) float32; zero points or None)."""
     if spec.dtype == "fp8":
         amax = w.detach().float().abs().amax(-1, keepdim=True) * spec.clip_ratio
         scale = round_scale(P.fp8_scale(amax), spec, w.dtype)
-        return {"qweight": P.fp8_quantize(w, scale), "w_scale": scale}
+        return P.fp8_quantize(w, scale), scale, None
     if spec.granularity == "tensor":
         scale, zero = P.choose_qparams(w.amin() * spec.clip_ratio, w.amax() * spec.clip_ratio, spec.bits, spec.symmetric)
         scale = scale.reshape(1, 1).expand(w.shape[0], 1).contiguous()
@@ -40,11 +50,7 @@ def quantize_weight_tensors(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch
     else:
         scale, zero = P.weight_qparams(w.detach(), spec.bits, spec.symmetric, spec.group_size, spec.clip_ratio)
     scale = _model_dtype_scale(w.detach(), scale, zero, spec, op_group_size(spec))
-    codes = P.quantize_weight(w.detach(), scale, zero, spec.bits, op_group_size(spec) or None)
-    out = {"qweight": P.pack(codes, spec.bits), "w_scale": scale}
-    if zero is not None:
-        out["w_zero"] = zero
-    return out
+    return P.quantize_weight(w.detach(), scale, zero, spec.bits, op_group_size(spec) or None), scale, zero
 
 
 def _model_dtype_scale(w: torch.Tensor, scale: torch.Tensor, zero, spec: QuantSpec, group: int) -> torch.Tensor:
@@ -65,9 +71,12 @@ def round_scale(scale: torch.Tensor, spec: QuantSpec, model_dtype: torch.dtype) 
 
 def fake_quantize_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """The float32 weight (N, K) the quantized op computes with for `w` under `spec` (the same
-    scales, zero points and codes as `quantize_weight_tensors`)."""
-    t = quantize_weight_tensors(w, spec)
-    return dequantize_packed(t["qweight"], t["w_scale"], t.get("w_zero"), spec.bits, op_group_size(spec), w.shape[-1])
+    scales, zero points and codes as `quantize_weight_tensors`, without packing them: the
+    searches call it in their inner loops)."""
+    codes, scale, zero = _codes(w, spec)
+    if spec.dtype == "fp8":
+        return codes.float() * scale.float()
+    return P.dequantize_weight(codes, scale.float(), zero, spec.bits, op_group_size(spec) or None)
 
 
 def fake_quantize_activation(x: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
