@@ -357,10 +357,6 @@ class Recipe:
         return Recipe(methods=methods, weight=weight, act=act, kv=kv_spec, rules=tuple(rules),
                       **{g: O.GROUPS[g](**values) for g, values in groups.items()})
 
-    def __str__(self) -> str:
-        """The method settings as recipe tokens (those that differ from the defaults)."""
-        return " ".join(O.tokens({g: getattr(self, g) for g in O.GROUPS}))
-
 
 _OPTION = re.compile(r"w\d+|g-?\d+|a\d+|a-static|sym|asym|fp8|scale-model|kv\d+|kv-g\d+|clip.*|a-clip.*|rule:.*")
 
