@@ -60,6 +60,40 @@ _positive_float = _checked(float, lambda v: v > 0, "a positive number")
 _non_negative_float = _checked(float, lambda v: v >= 0, "a number >= 0")
 
 
+def _add_setting_flags(parser) -> None:
+    """One flag per method setting (`qfx.options`), dest `<group>__<field>`, absent unless given."""
+    for group, f in options.settings():
+        m, dest = f.metadata, f"{group}__{f.name}"
+        if options.kind_of(f) == "bool":
+            flag = "--no-" + m["token"] if f.default else m["flag"]
+            parser.add_argument(flag, dest=dest, action="store_const", const=not f.default, default=argparse.SUPPRESS,
+                                help=f"{m['doc']} ({'on' if f.default else 'off'} by default)")
+        else:
+            alt = f"; '{m['cli_value']}' = {m['none_token']}" if m["cli_value"] else ""
+            parser.add_argument(m["flag"], dest=dest, default=argparse.SUPPRESS, metavar="X", type=_setting_type(f),
+                                help=f"{m['doc']} (default {f.default}{alt})")
+
+
+def _setting_type(f):
+    """A setting flag's argparse type: its number, checked as the recipe checks it, or the
+    flag's word for None (`--sq-alpha search`)."""
+    m, is_int = f.metadata, options.kind_of(f) == "int"
+    wanted = ("an integer" if is_int else "a number") + (f" {m['rule']}" if m["rule"] else "")
+    number = _checked(int if is_int else float, lambda v: v == v and (m["check"] is None or m["check"](v)),
+                      wanted + (f" or '{m['cli_value']}'" if m["cli_value"] else ""))
+    return lambda text: text if m["cli_value"] and text == m["cli_value"] else number(text)
+
+
+def _setting_tokens(a: argparse.Namespace) -> list[str]:
+    """The recipe tokens of the setting flags given on the command line."""
+    out = []
+    for group, f in options.settings():
+        value = getattr(a, f"{group}__{f.name}", None)
+        if value is not None:
+            out.append(options.token_for(f, None if value == f.metadata["cli_value"] else value))
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     from qfx import __version__
 
@@ -94,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(R1, R2.<o_proj path>)")
     q.add_argument("--rotation-out", default=None, help="spinquant: write the learned rotations to this "
                    "safetensors file (reuse them with --rotation-path)")
-    options.add_flags(q.add_argument_group("method settings (each also a recipe token)"))
+    _add_setting_flags(q.add_argument_group("method settings (each also a recipe token)"))
     q.add_argument("--offload", action="store_true", help="keep the model in CPU memory during calibration; "
                    "only the block being calibrated goes to --device")
     q.add_argument("--recipe", default=None, help="a whole recipe string instead of the flags above")
@@ -162,6 +196,6 @@ def recipe_string(a: argparse.Namespace) -> str:
         parts.append("a-static")
     if a.kv_bits != 16:
         parts.append(f"kv{a.kv_bits}" + (f" kv-g{a.kv_group}" if a.kv_group else ""))
-    parts += options.flag_tokens(a)  # each checked as it was parsed
+    parts += _setting_tokens(a)  # each checked as it was parsed
     parts += [f"rule:{r}" for r in a.rule]
     return " ".join(parts)

@@ -2,7 +2,7 @@
 
 A setting is one dataclass field made with `setting(...)`: its default, its recipe-string token,
 its check and its one-line doc live there, and everything else is derived from it: the recipe
-parser and printer (`qfx.config`), the `qfx quantize` flags (`qfx.cli`), loading recipes saved
+parser and printer (`qfx.config`), the `qfx quantize` flags (`qfx.cli_parser`), loading recipes saved
 before the groups existed (`legacy`: the flat key they were saved under), and the option table
 in docs/recipes.md (`option_table`). Adding a setting to a method is one field here.
 
@@ -12,7 +12,6 @@ turns the setting on and `no-<token>` off; `none_token` spells the value None (`
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import re
 from dataclasses import dataclass, field
@@ -98,16 +97,16 @@ def settings() -> list[tuple[str, dataclasses.Field]]:
     return [(g, f) for g, cls in GROUPS.items() for f in dataclasses.fields(cls)]
 
 
-def _kind(f: dataclasses.Field) -> str:
+def kind_of(f: dataclasses.Field) -> str:
     """"bool", "int" or "float" (a None-able float too): what the field's annotation says."""
     name = f.type if isinstance(f.type, str) else f.type.__name__  # a string under postponed annotations
     return name if name in ("bool", "int") else "float"
 
 
-def _token(f: dataclasses.Field, value: Any) -> str:
+def token_for(f: dataclasses.Field, value: Any) -> str:
     """The recipe token that sets `f` to `value`."""
     m = f.metadata
-    if _kind(f) == "bool":
+    if kind_of(f) == "bool":
         return m["token"] if value else "no-" + m["token"]
     return m["none_token"] if value is None else f"{m['token']}{_number(value)}"
 
@@ -124,7 +123,7 @@ def check(group: str, options: Any) -> str | None:
 def parse_token(token: str) -> tuple[str, str, Any] | None:
     """(group, field, value) that a recipe token sets, or None if it is not a method setting."""
     for group, f in settings():
-        m, kind = f.metadata, _kind(f)
+        m, kind = f.metadata, kind_of(f)
         if kind == "bool":
             if token in (m["token"], "no-" + m["token"]):
                 return group, f.name, token == m["token"]
@@ -145,7 +144,7 @@ def setting_key(token: str) -> str | None:
 
 def tokens(groups: dict[str, Any]) -> list[str]:
     """Recipe tokens for every setting that differs from its default."""
-    return [_token(f, getattr(groups[group], f.name)) for group, f in settings()
+    return [token_for(f, getattr(groups[group], f.name)) for group, f in settings()
             if getattr(groups[group], f.name) != f.default]
 
 
@@ -164,55 +163,10 @@ def from_saved(d: dict) -> dict[str, Any]:
     return out
 
 
-def add_flags(parser) -> None:
-    """One `qfx quantize` flag per setting (argparse dest `<group>__<field>`, absent unless given)."""
-    for group, f in settings():
-        m, dest = f.metadata, f"{group}__{f.name}"
-        if _kind(f) == "bool":
-            flag = "--no-" + m["token"] if f.default else m["flag"]
-            parser.add_argument(flag, dest=dest, action="store_const", const=not f.default, default=argparse.SUPPRESS,
-                                help=f"{m['doc']} ({'on' if f.default else 'off'} by default)")
-        else:
-            alt = f"; '{m['cli_value']}' = {m['none_token']}" if m["cli_value"] else ""
-            parser.add_argument(m["flag"], dest=dest, default=argparse.SUPPRESS, metavar="X", type=_flag_type(f),
-                                help=f"{m['doc']} (default {f.default}{alt})")
-
-
-def _flag_type(f: dataclasses.Field) -> Callable[[str], Any]:
-    """argparse type of a setting's flag: its number, checked as the recipe checks it (a bad
-    value is one line naming the flag, exit code 2), or the flag's word for None."""
-    m, is_int = f.metadata, _kind(f) == "int"
-
-    def parse(text: str):
-        if m["cli_value"] and text == m["cli_value"]:
-            return text
-        try:
-            value = int(text) if is_int else float(text)
-        except ValueError:
-            value = None
-        if value is None or value != value or (m["check"] is not None and not m["check"](value)):
-            wanted = ("an integer" if is_int else "a number") + (f" {m['rule']}" if m["rule"] else "")
-            also = f" or '{m['cli_value']}'" if m["cli_value"] else ""
-            raise argparse.ArgumentTypeError(f"must be {wanted}{also}, got {text}")
-        return value
-
-    return parse
-
-
 def _number(value: float | int) -> str:
     """A setting's value as its token writes it: plain digits, never an exponent."""
     text = repr(value)
     return f"{value:.12f}".rstrip("0") if "e" in text else text
-
-
-def flag_tokens(namespace) -> list[str]:
-    """The recipe tokens of the setting flags given on the command line."""
-    out = []
-    for group, f in settings():
-        value = getattr(namespace, f"{group}__{f.name}", None)  # absent unless given
-        if value is not None:
-            out.append(_token(f, None if value == f.metadata["cli_value"] else value))
-    return out
 
 
 def option_table() -> str:
@@ -220,10 +174,10 @@ def option_table() -> str:
     rows = ["| token | default | meaning |", "|---|---|---|"]
     for _group, f in settings():
         m = f.metadata
-        if _kind(f) == "bool":
+        if kind_of(f) == "bool":
             token, default = f"`{m['token']}` / `no-{m['token']}`", "on" if f.default else "off"
         else:
-            number = "N" if _kind(f) == "int" else "X"
+            number = "N" if kind_of(f) == "int" else "X"
             token = f"`{m['token']}{number}`" + (f", `{m['none_token']}`" if m["none_token"] else "")
             default = str(f.default)
         rows.append(f"| {token} | {default} | {m['doc']} |")
