@@ -13,7 +13,9 @@ For each stage of the prepared graph (prefix, decoder blocks, suffix; `qfx.stage
 Only the stage being worked on needs to be on `device`: a model left in CPU memory stays
 there, each stage's weights are copied over while it is worked on, and its quantized weights
 go back to the model's memory; activations between stages (a few GB even for 70B-class
-models at 128 x 2048 tokens) stay on `device`.
+models at 128 x 2048 tokens) stay on `device`. A graph captured without weights (on the meta
+device) is calibrated with a `WeightStream`: each stage reads its tensors from disk when it
+starts and hands them over, final, when it is done (`qfx.stream`).
 Deterministic for given batches.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
+from typing import Protocol
 
 import torch
 from torch.fx import GraphModule
@@ -39,8 +42,18 @@ from qfx.stages import Stage, split_stages
 WEIGHT_OBSERVERS = (HessianObserver, RangeObserver)
 
 
+class WeightStream(Protocol):
+    """Where a graph without weights gets its tensors and where the finished ones go."""
+
+    def load(self, target: str, like: torch.Tensor) -> torch.Tensor:
+        """The values of the meta tensor `like` that the graph reads at `target` (CPU)."""
+
+    def store(self, target: str, tensor: torch.Tensor, untouched: bool) -> None:
+        """The final value at `target` (no later stage reads it); untouched: as `load` gave it."""
+
+
 def calibrate(prepared: GraphModule, batches: Iterable[torch.Tensor], progress: bool = True,
-              device: torch.device | str | None = None) -> int:
+              device: torch.device | str | None = None, weights: WeightStream | None = None) -> int:
     """Calibrate and choose the quantized weights of `prepared` block by block.
 
     batches: token ids (B, S) each. Larger B means fewer, larger passes over each block (the
@@ -48,15 +61,20 @@ def calibrate(prepared: GraphModule, batches: Iterable[torch.Tensor], progress: 
         search runs on the first batches holding `recipe.awq.search_samples` samples.
     device: where each stage runs (default: where the model is; give "cuda" for a model in CPU
         memory to calibrate it one block at a time on the GPU).
+    weights: for a graph whose tensors are on the meta device: reads each stage's tensors
+        and takes each final tensor after the last stage that reads it. Tensors of stages
+        that calibration skips (e.g. a full-precision head) are neither read nor stored.
     Returns the number of calibration tokens. `qfx.convert(prepared)` then builds the model.
     """
     batches = list(batches)
     tokens = sum(b.numel() for b in batches)
-    if tokens == 0:
+    if tokens == 0 and weights is None:  # a graph without weights is walked even with no data (RTN)
         raise ValueError("calibration got no batches; give at least one sample")
     recipe = Recipe.from_dict(prepared.meta["qfx"]["recipe"])
-    home = _device_of(prepared)
+    home = torch.device("meta") if weights is not None else _device_of(prepared)
     device = torch.device(device) if device is not None else home
+    if device.type == "meta":
+        raise ValueError("a graph without weights (meta tensors) is calibrated with weights= and device=")
     stages = split_stages(prepared)
     regions = find_regions(prepared)
     solved = prepared.meta["qfx"].setdefault("solved", {})
@@ -64,14 +82,16 @@ def calibrate(prepared: GraphModule, batches: Iterable[torch.Tensor], progress: 
     stream = [{placeholder: b.to(device)} for b in batches]
     fp_stream = [dict(e) for e in stream] if recipe.weight_method == "gptaq" else None
     last_use = _last_use(stages)
+    last_reader = {n.target: i for i, s in enumerate(stages) for n in s.module.graph.nodes if n.op == "get_attr"}
     n_search = _batches_holding(batches, recipe.awq.search_samples)
     bar = tqdm(stages, desc="calibrate", unit="block", disable=not progress)
     with torch.no_grad():
         for i, stage in enumerate(bar):
             bar.set_postfix_str(stage.name)
-            work = _StageRun(prepared, stage, recipe, device, home, n_search)
-            if not work.planned and not any(last_use.get(n, -1) > i for n in stage.outputs):
+            if not plans(stage.module) and not any(last_use.get(n, -1) > i for n in stage.outputs):
                 continue  # e.g. the suffix when the head stays in full precision
+            work = _StageRun(prepared, stage, recipe, device, home, n_search, weights,
+                             {t for t, j in last_reader.items() if j > i})
 
             def advance(env: dict, out: tuple, stage: Stage = stage, i: int = i) -> None:
                 _store(env, stage, out, last_use, i)
@@ -129,9 +149,11 @@ class _StageRun:
     """One stage on the compute device: its planned linears, observers and passes over data."""
 
     def __init__(self, gm: GraphModule, stage: Stage, recipe: Recipe, device: torch.device, home: torch.device,
-                 n_search: int):
+                 n_search: int, weights: WeightStream | None = None, read_later: set[str] = frozenset()):
         self.gm, self.stage, self.recipe, self.device, self.home = gm, stage, recipe, device, home
         self.n_search = n_search  # leading batches AWQ's scale search runs on
+        self.weights, self.read_later = weights, read_later
+        self.loaded: dict[str, torch.Tensor] = {}  # target -> the device tensor read from `weights`
         self.module = stage.module
         self.module.meta["qfx"] = {"recipe": gm.meta["qfx"]["recipe"]}
         self.planned = plans(self.module)
@@ -141,7 +163,10 @@ class _StageRun:
         for n in self.module.graph.nodes:  # a device copy of each tensor, on the stage only
             if n.op == "get_attr":
                 t = get_attr_tensor(self.module, n.target)
-                if isinstance(t, torch.Tensor) and t.device != device:
+                if isinstance(t, torch.Tensor) and t.is_meta:
+                    set_attr_tensor(self.module, n.target, weights.load(n.target, t).to(device))
+                    self.loaded[n.target] = get_attr_tensor(self.module, n.target)  # (a parameter holds it)
+                elif isinstance(t, torch.Tensor) and t.device != device:
                     set_attr_tensor(self.module, n.target, t.to(device))
         self.observers = {}
         for n in self.module.graph.nodes:
@@ -292,14 +317,26 @@ class _StageRun:
     def finish(self) -> None:
         """Send the stage's tensors back to the model's memory: otherwise each finished block's
         device copies (its quantized weights: 0.1 GB per 8B-class block) stay referenced by its
-        stage until calibration ends, and pile up on the device. The stage does not run again."""
+        stage until calibration ends, and pile up on the device. The stage does not run again.
+        With a `WeightStream`, the tensors no later stage reads are stored and released."""
         if self.device == self.home:
             return
         for n in self.module.graph.nodes:
-            if n.op == "get_attr":
-                t = get_attr_tensor(self.module, n.target)
-                if isinstance(t, torch.Tensor) and t.device != self.home:
-                    set_attr_tensor(self.module, n.target, t.to(self.home))
+            if n.op != "get_attr":
+                continue
+            t = get_attr_tensor(self.module, n.target)
+            if not isinstance(t, torch.Tensor):
+                continue
+            if self.weights is not None:
+                untouched = self.loaded.get(n.target) is t
+                if n.target not in self.read_later:
+                    self.weights.store(n.target, t, untouched)
+                elif not untouched and n.target in self.loaded:
+                    raise RuntimeError(f"cannot calibrate from disk: stage {self.stage.name} changed {n.target}, "
+                                       "which a later stage reads too")
+            if t.device != self.home:
+                set_attr_tensor(self.module, n.target, t.to(self.home))
+        self.loaded.clear()
 
 
 def _device_of(gm: torch.nn.Module) -> torch.device:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
+import os
 import resource
 import sys
 import time
@@ -74,6 +76,8 @@ def cmd_quantize(a: argparse.Namespace) -> dict:
         recipe = dataclasses.replace(recipe, rotation_path=a.rotation_path)
     if a.output and Path(a.output).exists() and not a.overwrite:
         raise CheckpointError(f"--output {a.output} exists; pass --overwrite or choose another folder")
+    if a.stream or _too_large_for_memory(a, recipe):
+        return _quantize_streaming(a, recipe, recipe_text, start)
     home = "cpu" if a.offload else a.device  # where the model lives until it is quantized
     model, tokenizer = load_hf(a.model, DTYPES[a.dtype], home, progress=not a.quiet)
     windows = _windows(a, tokenizer)
@@ -143,6 +147,77 @@ def cmd_quantize(a: argparse.Namespace) -> dict:
         "report": report_dir,
         "device": a.device,
         "dtype": a.dtype,
+    }
+
+
+def _too_large_for_memory(a: argparse.Namespace, recipe) -> bool:
+    """A local safetensors folder whose weights would not fit in the memory available now, with a
+    recipe and an --output that streaming can serve (the reason is printed)."""
+    from qfx.stream import WHOLE_MODEL_METHODS
+    from qfx.weight_files import INDEX_FILE, SINGLE_FILE
+
+    folder = Path(a.model)
+    files = list(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files or not a.output or any(m in WHOLE_MODEL_METHODS for m in recipe.methods) or \
+            not ((folder / INDEX_FILE).is_file() or (folder / SINGLE_FILE).is_file()):
+        return False
+    weights = sum(f.stat().st_size for f in files)
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if weights < 0.8 * available:
+        return False
+    print(f"qfx quantize: {a.model} holds {weights / 2**30:.1f} GiB of weights and {available / 2**30:.1f} GiB of "
+          "memory is available: quantizing block by block from disk (as --stream)", file=sys.stderr)
+    return True
+
+
+def _quantize_streaming(a: argparse.Namespace, recipe, recipe_text: str, start: float) -> dict:
+    """`qfx quantize --stream`: weights read from disk and the result written block by block."""
+    import qfx
+    from qfx.data import calibration_samples, read_text, tokenize
+    from qfx.eval import perplexity
+    from qfx.models import ModelError
+    from qfx.stream import quantize_streaming
+
+    if a.model.endswith(".gguf") or not Path(a.model).is_dir():
+        raise ModelError(f"--stream reads a model folder's safetensors shards; {a.model} is not a folder "
+                         "(a GGUF file or the embedded model is loaded whole: drop --stream)")
+    if not a.output:
+        raise ModelError("--stream writes the quantized model as it goes: give --output FOLDER")
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(a.model)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{a.model}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+    if a.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+    def samples():
+        data = calibration_samples(tokenize(read_text(a.calib), tokenizer), a.calib_samples, a.seq_len, a.seed)
+        return data.split(a.calib_batch_size)
+
+    t_quant, timings = time.time(), {}
+    quantize_streaming(a.model, recipe, a.output, calib=samples, device=a.device, dtype=DTYPES[a.dtype],
+                       progress=not a.quiet, tokenizer=tokenizer, overwrite=a.overwrite, timings=timings)
+    quant_seconds = time.time() - t_quant
+    peak_gpu = round(torch.cuda.max_memory_allocated() / 2**20, 1) if a.device.startswith("cuda") else None
+    windows = _windows(a, tokenizer)
+    ppl_q, task_results = None, {}
+    if windows is not None or _task_names(a):
+        qmodel = qfx.load(a.output, a.device)  # the quantized model, which fits where the original did not
+        if windows is not None:
+            ppl_q = perplexity(qmodel, windows, a.batch_size, a.device, not a.quiet, "eval quant")
+        if _task_names(a):
+            task_results = _tasks(a, qmodel, tokenizer, a.device, "_quant")
+    return {
+        "model": a.model, "method": ",".join(recipe.methods), "recipe": recipe_text, "streamed": True,
+        "ppl_fp": None, "ppl_quant": ppl_q, **_protocol(a, windows), **task_results,
+        "calib_source": a.calib if timings["calib_samples"] else None, "calib_samples": timings["calib_samples"],
+        "quantize_seconds": round(quant_seconds, 3), "calib_seconds": round(timings["calib_seconds"], 3),
+        "peak_gpu_mb": peak_gpu,
+        "seconds": round(time.time() - start, 3), "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "checkpoint_bytes": sum(f.stat().st_size for f in Path(a.output).glob("*.safetensors")),
+        "output": a.output, "device": a.device, "dtype": a.dtype,
     }
 
 
@@ -345,6 +420,12 @@ def main(argv: list[str] | None = None) -> int:
         result = commands[args.command](args)
     except user_errors as e:
         print(f"qfx {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"qfx {args.command}: error: disk full writing {e.filename or 'the output'} ({e.strerror}); the partial "
+              "output was removed: free some space or choose another --output", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result))

@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setting_flags(q.add_argument_group("method settings (each also a recipe token)"))
     q.add_argument("--offload", action="store_true", help="keep the model in CPU memory during calibration; "
                    "only the block being calibrated goes to --device")
+    q.add_argument("--stream", action="store_true", help="for a model folder larger than memory: read each block's "
+                   "weights from its safetensors shards when calibration reaches it and write the result to "
+                   "--output block by block (chosen by itself, with the reason printed, when the weights would not "
+                   "fit in the memory available); not with quarot / spinquant")
     q.add_argument("--recipe", default=None, help="a whole recipe string instead of the flags above")
     q.add_argument("--calib", default="wiki-summaries", help="calibration text source (used when the recipe needs it)")
     q.add_argument("--calib-samples", type=_positive_int, default=128, help="calibration samples of --seq-len tokens")

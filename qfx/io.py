@@ -4,7 +4,8 @@ Native format, a folder:
     qfx.json            format version, recipe, the captured model's source (HF config, dtype),
                         tensor aliases (tied weights), library versions
     model.safetensors   every tensor the graph reads: packed weights, scales, zero points,
-                        full-precision parameters and buffers
+                        full-precision parameters and buffers (a model quantized from disk,
+                        `qfx.stream`, has shards model-00001.safetensors, ... and their index)
     tokenizer files     when a tokenizer was given
 Loading rebuilds the graph from the config (on the meta device, so nothing is initialised),
 re-runs the same passes to lay out the quantized ops, and fills every tensor from the file,
@@ -20,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.fx import GraphModule
 
 from qfx.capture import capture, hf_dynamic_shapes
@@ -28,6 +29,7 @@ from qfx.graph import get_attr_tensor, set_attr_tensor
 from qfx.checkpoint_folder import CheckpointError, atomic_dir
 from qfx.config import Recipe
 from qfx.pipeline import for_tensors
+from qfx.weight_files import WeightFiles
 
 FORMAT = "qfx"
 FORMAT_VERSION = 2  # 2: online rotations of sizes 156 * 2^k and 172 * 2^k use Hadamard matrices
@@ -36,7 +38,8 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 
-def _tensor_targets(gm: GraphModule) -> list[str]:
+def tensor_targets(gm: GraphModule) -> list[str]:
+    """The get_attr targets of `gm` that hold tensors, each once, in graph order."""
     seen: dict[str, None] = {}
     for n in gm.graph.nodes:
         if n.op == "get_attr" and isinstance(get_attr_tensor(gm, n.target), torch.Tensor):
@@ -57,7 +60,7 @@ def save(qmodel: GraphModule, path: str | os.PathLike, tokenizer=None, overwrite
         )
     tensors, aliases = {}, {}
     by_storage: dict[tuple, str] = {}
-    for target in _tensor_targets(qmodel):
+    for target in tensor_targets(qmodel):
         t = get_attr_tensor(qmodel, target).detach()
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else None
         if key is not None and key in by_storage:
@@ -66,21 +69,26 @@ def save(qmodel: GraphModule, path: str | os.PathLike, tokenizer=None, overwrite
         if key is not None:
             by_storage[key] = target
         tensors[target] = t.contiguous().cpu()
-    meta = {
+    with atomic_dir(path, overwrite) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        (tmp / META_FILE).write_text(json.dumps(checkpoint_meta(qmodel, aliases), indent=1))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return Path(path)
+
+
+def checkpoint_meta(qmodel: GraphModule, aliases: dict[str, str]) -> dict:
+    """What qfx.json holds for `qmodel` (a converted graph, or its layout from `for_tensors`)."""
+    info = qmodel.meta["qfx"]
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "recipe": info["recipe"],
-        "source": source,
+        "source": info.get("source", {}),
         "aliases": aliases,
         "counts": info.get("counts", {}),
         "versions": _versions(),
     }
-    with atomic_dir(path, overwrite) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-    return Path(path)
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> GraphModule:
@@ -93,30 +101,27 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> GraphMo
     if not (path / META_FILE).is_file() and (path / "config.json").is_file():
         return _import_foreign(path, device)
     meta = read_meta(path)
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise CheckpointError(f"{path}: missing {WEIGHTS_FILE}")
-    try:
-        tensors = load_file(str(weights))
-    except Exception as e:
-        raise CheckpointError(f"{weights}: cannot read safetensors ({e})") from None
+    weights = WeightFiles(path)  # model.safetensors, or shards and their index (a streamed result)
     gm = rebuild(meta, device)
     aliases = meta.get("aliases", {})
-    targets = _tensor_targets(gm)
+    targets = tensor_targets(gm)
+    read: dict[str, torch.Tensor] = {}  # by stored name: tied targets share one tensor
     for target in targets:
         name = aliases.get(target, target)
-        if name not in tensors:
-            raise CheckpointError(f"{weights}: tensor {name!r} is missing")
-        expected, found = get_attr_tensor(gm, target), tensors[name]
+        if name not in weights:
+            raise CheckpointError(f"{path}: tensor {name!r} is missing")
+        if name not in read:
+            read[name] = weights.tensor(name)
+        expected, found = get_attr_tensor(gm, target), read[name]
         if tuple(found.shape) != tuple(expected.shape) or found.dtype != expected.dtype:
             raise CheckpointError(
-                f"{weights}: tensor {name!r} is {tuple(found.shape)} {found.dtype}, "
+                f"{path}: tensor {name!r} is {tuple(found.shape)} {found.dtype}, "
                 f"the model expects {tuple(expected.shape)} {expected.dtype}"
             )
         set_attr_tensor(gm, target, found.to(expected.device))
-    unused = set(tensors) - {aliases.get(t, t) for t in targets}
+    unused = set(weights.names()) - set(read)
     if unused:
-        raise CheckpointError(f"{weights}: tensors not used by the model: {sorted(unused)[:5]}")
+        raise CheckpointError(f"{path}: tensors not used by the model: {sorted(unused)[:5]}")
     return gm
 
 
@@ -188,7 +193,7 @@ def empty_model(source: dict, device: str | torch.device = "cpu") -> torch.nn.Mo
 def copy_tensors(src: torch.nn.Module, dst: GraphModule, where: str) -> None:
     """Fill every tensor `dst`'s graph reads from the tensor of the same name in `src`, checking
     shapes and dtypes (`where` names the source in errors)."""
-    for target in _tensor_targets(dst):
+    for target in tensor_targets(dst):
         expected = get_attr_tensor(dst, target)
         try:
             found = get_attr_tensor(src, target)

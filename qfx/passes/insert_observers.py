@@ -11,6 +11,7 @@ no activation quantization gets no observer.
 
 from __future__ import annotations
 
+import torch
 from torch.fx import GraphModule
 
 from qfx.graph import get_attr_tensor
@@ -34,6 +35,7 @@ def insert_observers(gm: GraphModule, recipe: Recipe) -> GraphModule:
             _observe_input(gm, node, f"{plan.path}.{OBSERVER_SUFFIX}", OBSERVER_TYPES[plan.act.observer](name=plan.path))
             inserted += 1
         device = get_attr_tensor(gm, plan.weight_target).device
+        device = torch.device("cpu") if device.type == "meta" else device  # weights read from disk later
         if recipe.weight_method in ("gptq", "gptaq") and plan.weight.dtype == "int":
             kind = AsymmetricHessianObserver if recipe.weight_method == "gptaq" else HessianObserver
             key = (node.args[0], plan.weight)
