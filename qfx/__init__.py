@@ -12,6 +12,7 @@ from qfx.config import ConfigError, LayerRule, QuantSpec, Recipe
 from qfx.generate import GenerationError, GenerationOutput, Generator, generate
 from qfx.generation_graph import generation_graph
 from qfx.io import CheckpointError, export, load, load_exported, save
+from qfx.stream import quantize_streaming
 from qfx.tasks import evaluate
 from qfx.lowering import backend as _backend  # noqa: F401  (registers torch.compile backend "qfx")
 
@@ -45,5 +46,6 @@ __all__ = [
     "needs_calibration",
     "prepare",
     "quantize",
+    "quantize_streaming",
     "save",
 ]
