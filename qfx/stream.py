@@ -16,6 +16,7 @@ every weight before calibration starts, so they need the whole model in memory a
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -32,7 +33,7 @@ from qfx.checkpoint_folder import CheckpointError, atomic_dir
 from qfx.config import ConfigError, Recipe
 from qfx.graph import get_attr_tensor
 from qfx.io import META_FILE, checkpoint_meta, tensor_targets
-from qfx.pipeline import for_tensors
+from qfx.passes.quantize_linears import quantize_linears
 from qfx.weight_files import ShardWriter, WeightFiles
 
 WHOLE_MODEL_METHODS = ("quarot", "spinquant")
@@ -66,7 +67,8 @@ def quantize_streaming(
     weights = WeightFiles(folder)
     model = empty_hf_model(folder, dtype)
     prepared = prepare(capture(model), recipe)
-    layout = for_tensors(capture(model), recipe)  # the output's tensors: names, shapes, dtypes
+    # the converted graph's structure (tensors on the meta device): the output's names, shapes, dtypes
+    layout = quantize_linears(copy.deepcopy(prepared), allocate_only=True)
     stream = FolderStream(weights, tied_names(model), layout)
     batches: list[torch.Tensor] = []
     if needs_calibration(prepared):
@@ -83,8 +85,6 @@ def quantize_streaming(
         timings.update(calib_seconds=time.time() - start, calib_samples=sum(int(b.shape[0]) for b in batches))
         stream.copy_rest(prepared)
         stream.writer.close()
-        # what the passes did: those of prepare, then the layout's quantize_linears (as convert's)
-        layout.meta["qfx"]["counts"] = {**prepared.meta["qfx"].get("counts", {}), **layout.meta["qfx"]["counts"]}
         meta = checkpoint_meta(layout, stream.aliases)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
         if tokenizer is not None:
