@@ -29,6 +29,7 @@ import torch
 from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
+from qfx import distributed
 from qfx.algorithms import awq, smoothquant
 from qfx.graph import get_attr_tensor, retarget_devices, set_attr_tensor
 from qfx.config import Recipe
@@ -58,7 +59,10 @@ def calibrate(prepared: GraphModule, batches: Iterable[torch.Tensor], progress: 
 
     batches: token ids (B, S) each. Larger B means fewer, larger passes over each block (the
         CLI's --calib-batch-size); the statistics are the same up to float rounding. AWQ's scale
-        search runs on the first batches holding `recipe.awq.search_samples` samples.
+        search runs on the first batches holding `recipe.awq.search_samples` samples. Under an
+        initialised process group every process passes the same batches and runs its share
+        of them; the statistics are merged and every process ends with the same tensors
+        (`qfx.distributed`).
     device: where each stage runs (default: where the model is; give "cuda" for a model in CPU
         memory to calibrate it one block at a time on the GPU).
     weights: for a graph whose tensors are on the meta device: reads each stage's tensors
@@ -66,8 +70,9 @@ def calibrate(prepared: GraphModule, batches: Iterable[torch.Tensor], progress: 
         that calibration skips (e.g. a full-precision head) are neither read nor stored.
     Returns the number of calibration tokens. `qfx.convert(prepared)` then builds the model.
     """
-    batches = list(batches)
-    tokens = sum(b.numel() for b in batches)
+    every_batch = list(batches)
+    tokens = sum(b.numel() for b in every_batch)
+    batches, first = distributed.my_batches(every_batch)  # under torchrun: this process's share
     if tokens == 0 and weights is None:  # a graph without weights is walked even with no data (RTN)
         raise ValueError("calibration got no batches; give at least one sample")
     recipe = Recipe.from_dict(prepared.meta["qfx"]["recipe"])
@@ -83,7 +88,8 @@ def calibrate(prepared: GraphModule, batches: Iterable[torch.Tensor], progress: 
     fp_stream = [dict(e) for e in stream] if recipe.weight_method == "gptaq" else None
     last_use = _last_use(stages)
     last_reader = {n.target: i for i, s in enumerate(stages) for n in s.module.graph.nodes if n.op == "get_attr"}
-    n_search = _batches_holding(batches, recipe.awq.search_samples)
+    # AWQ's search runs on the leading samples of the whole set: this process's part of them
+    n_search = min(max(_batches_holding(every_batch, recipe.awq.search_samples) - first, 0), len(batches))
     bar = tqdm(stages, desc="calibrate", unit="block", disable=not progress)
     with torch.no_grad():
         for i, stage in enumerate(bar):
@@ -219,7 +225,14 @@ class _StageRun:
             if keep_limit is not None and j < keep_limit:
                 outs.append(out)
         self._enable(())
+        self._sync((ChannelStatsObserver,))
         return outs
+
+    def _sync(self, kinds: tuple[type, ...]) -> None:
+        """Merge the statistics of every process (no-op in one process)."""
+        for m in self.observers.values():
+            if isinstance(m, kinds):
+                m.sync()
 
     def smoothquant(self, stream: list[dict], regions: list[Region]) -> None:
         self._collect_channels(stream)
@@ -257,7 +270,7 @@ class _StageRun:
                                if isinstance(a, torch.Tensor) and a.is_floating_point())
                 for t, v in saved.items():
                     set_attr_tensor(self.module, t, v)
-                return err
+                return distributed.sum_float(err)
 
             best = awq.search_scale(mean, r.tie, block_error)
             apply_scale([self.module, self.gm], r, best)
@@ -295,6 +308,7 @@ class _StageRun:
                     m.mode = "q"
             self.module(*self._args(env))
         self._enable(())
+        self._sync(WEIGHT_OBSERVERS)
 
     def quantize(self, solved: dict) -> None:
         """Rewrite the stage's linears to quantized ops; keep their tensors for convert."""

@@ -78,12 +78,13 @@ def cmd_quantize(a: argparse.Namespace) -> dict:
         raise CheckpointError(f"--output {a.output} exists; pass --overwrite or choose another folder")
     if a.stream or _too_large_for_memory(a, recipe):
         return _quantize_streaming(a, recipe, recipe_text, start)
+    first = _join_process_group(a)
     home = "cpu" if a.offload else a.device  # where the model lives until it is quantized
-    model, tokenizer = load_hf(a.model, DTYPES[a.dtype], home, progress=not a.quiet)
+    model, tokenizer = load_hf(a.model, DTYPES[a.dtype], home, progress=not a.quiet and first)
     windows = _windows(a, tokenizer)
-    progress = not a.quiet
+    progress = not a.quiet and first
     ppl_fp = None
-    if windows is not None and not a.no_fp_eval:
+    if windows is not None and not a.no_fp_eval and first:
         ppl_fp = perplexity(_LogitsOf(model), windows, a.batch_size, home, progress, "eval fp")
     t_quant = time.time()
     if a.device.startswith("cuda"):
@@ -102,6 +103,8 @@ def cmd_quantize(a: argparse.Namespace) -> dict:
     qmodel = qfx.quantize(model, recipe, calib=samples, progress=progress, device=a.device, timings=timings,
                           on_rotations=save_rotations)
     calib_used, calib_seconds = timings["calib_samples"], timings["calib_seconds"]
+    if not first:
+        return None  # every process calibrated; the first evaluates, saves and prints
     if home != a.device:
         from qfx.graph import retarget_devices
 
@@ -150,6 +153,19 @@ def cmd_quantize(a: argparse.Namespace) -> dict:
     }
 
 
+def _join_process_group(a: argparse.Namespace) -> bool:
+    """Under torchrun (WORLD_SIZE > 1) join its process group (NCCL on this process's GPU, gloo
+    on CPUs) so that calibration is split across the processes. True on the first process."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        cuda = a.device.startswith("cuda")
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def _too_large_for_memory(a: argparse.Namespace, recipe) -> bool:
     """A local safetensors folder whose weights would not fit in the memory available now, with a
     recipe and an --output that streaming can serve (the reason is printed)."""
@@ -196,9 +212,12 @@ def _quantize_streaming(a: argparse.Namespace, recipe, recipe_text: str, start: 
         data = calibration_samples(tokenize(read_text(a.calib), tokenizer), a.calib_samples, a.seq_len, a.seed)
         return data.split(a.calib_batch_size)
 
+    first = _join_process_group(a)
     t_quant, timings = time.time(), {}
     quantize_streaming(a.model, recipe, a.output, calib=samples, device=a.device, dtype=DTYPES[a.dtype],
-                       progress=not a.quiet, tokenizer=tokenizer, overwrite=a.overwrite, timings=timings)
+                       progress=not a.quiet and first, tokenizer=tokenizer, overwrite=a.overwrite, timings=timings)
+    if not first:
+        return None
     quant_seconds = time.time() - t_quant
     peak_gpu = round(torch.cuda.max_memory_allocated() / 2**20, 1) if a.device.startswith("cuda") else None
     windows = _windows(a, tokenizer)
@@ -427,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qfx {args.command}: error: disk full writing {e.filename or 'the output'} ({e.strerror}); the partial "
               "output was removed: free some space or choose another --output", file=sys.stderr)
         return 2
+    if result is None:  # a process of a torchrun group other than the first
+        return 0
     if args.json:
         print(json.dumps(result))
     elif args.command != "generate":  # generate has printed its text

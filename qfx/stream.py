@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch.fx import GraphModule
 
+from qfx import distributed
 from qfx.api import needs_calibration, prepare
 from qfx.calibrate import calibrate
 from qfx.capture import capture
@@ -78,6 +79,10 @@ def quantize_streaming(
             raise ConfigError("this recipe needs calibration data (static activation scales or GPTQ): pass calib=")
     timings = {} if timings is None else timings
     start = time.time()
+    if distributed.rank() != 0:  # under torchrun every process calibrates and the first one writes
+        stream.writer = _Discard(output)
+        calibrate(prepared, batches, progress=progress, device=device, weights=stream)
+        return Path(output)
     with atomic_dir(output, overwrite) as tmp:
         stream.writer = ShardWriter(tmp)
         # with no data (round to nearest) each block is still read, quantized and written in turn
@@ -170,3 +175,11 @@ class FolderStream:
                 raise CheckpointError(f"the quantized model reads {target!r}, which calibration did not produce") \
                     from None
             self.store(target, self.load(target, want) if t.is_meta else t, untouched=t.is_meta)
+
+
+class _Discard(ShardWriter):
+    """A writer that keeps names only: the processes of a torchrun group other than the first."""
+
+    def _flush(self) -> None:
+        self.weight_map.update(dict.fromkeys(self.pending, ""))
+        self.pending, self.pending_bytes = {}, 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from qfx import distributed
 from qfx.observers.range import ObserverError
 
 
@@ -41,6 +42,18 @@ class ChannelStatsObserver(torch.nn.Module):
             picked = seqs[:, ::stride][:, : self.rows_per_sequence].reshape(-1, rows.shape[-1])
             self.rows.append(picked[: self.max_rows - sum(r.shape[0] for r in self.rows)].clone())
         return x
+
+    def sync(self) -> None:
+        """Merge every process's statistics (`qfx.distributed`); rows are taken in rank order,
+        as one process given all the batches would have drawn them."""
+        if not distributed.active():
+            return
+        distributed.reduce_(self.abs_max, "max")
+        distributed.reduce_(self.abs_sum)
+        self.n_tokens = int(distributed.sum_float(float(self.n_tokens)))
+        device = self.abs_max.device
+        rows = [r.to(device) for part in distributed.gather(self.rows) for r in part]
+        self.rows = [torch.cat(rows)[: self.max_rows]] if rows else []
 
     def abs_mean(self) -> torch.Tensor:
         if self.n_tokens == 0:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from qfx import distributed
 from qfx.observers.range import ObserverError
 
 
@@ -70,6 +71,23 @@ class HessianObserver(torch.nn.Module):
         self.n_tokens += rows.shape[0]
         return x
 
+    def _weighted_sums(self) -> list[torch.Tensor]:
+        return [self.hessian]
+
+    def sync(self) -> None:
+        """Merge the running means of every process (`qfx.distributed`): each weighted by its
+        ranks' token weight, so the result is the mean over all their tokens."""
+        if not distributed.active():
+            return
+        self._allocate(self.hessian.device if self.hessian.numel() else torch.device("cpu"))
+        if isinstance(self, AsymmetricHessianObserver) and self.delta_cross.numel() == 0:
+            self.delta_cross = torch.zeros_like(self.hessian)
+        counts = distributed.reduce_(torch.tensor([self.weight_sum, float(self.n_tokens)], dtype=torch.float64))
+        for buf in self._weighted_sums():
+            buf.mul_(self.weight_sum / max(float(counts[0]), 1e-30))
+            distributed.reduce_(buf)
+        self.weight_sum, self.n_tokens = float(counts[0]), int(counts[1])
+
     def release(self) -> None:
         """Free the statistics once they are consumed."""
         self.hessian = torch.empty(0, device=self.hessian.device)
@@ -111,6 +129,9 @@ class AsymmetricHessianObserver(HessianObserver):
         self.n_tokens += rows.shape[0]
         self._fp_rows = None
         return x
+
+    def _weighted_sums(self) -> list[torch.Tensor]:
+        return [self.hessian, self.delta_cross]
 
     def release(self) -> None:
         super().release()

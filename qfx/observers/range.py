@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from qfx import distributed
 from qfx import primitives as P
 
 
@@ -47,6 +48,14 @@ class RangeObserver(torch.nn.Module):
         self.calls += 1
         return x
 
+    def sync(self) -> None:
+        """Merge every process's range (`qfx.distributed`)."""
+        if not distributed.active():
+            return
+        self.min_val = distributed.reduce_(self.min_val.clone(), "min")
+        self.max_val = distributed.reduce_(self.max_val.clone(), "max")
+        self.calls = int(distributed.sum_float(float(self.calls)))
+
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.calls == 0:
             raise ObserverError(f"observer at {self.name or '?'} saw no data; run calibration batches first")
@@ -70,6 +79,11 @@ class MovingAverageMinMaxObserver(RangeObserver):
         if not 0.0 < momentum <= 1.0:
             raise ValueError(f"momentum={momentum}: must be in (0, 1]")
         self.momentum = momentum
+
+    def sync(self) -> None:
+        if distributed.active():
+            raise ObserverError(f"{self.name or '?'}: a moving average depends on the order of batches, which "
+                                "several processes do not keep; use the minmax, percentile or mse observer")
 
     def merge(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         if self.calls == 0:
@@ -104,6 +118,14 @@ class PercentileObserver(RangeObserver):
         n = self.calls + 1
         self.min_val, self.max_val = self.sum_lo / n, self.sum_hi / n
 
+    def sync(self) -> None:
+        if not distributed.active():
+            return
+        self.sum_lo = distributed.reduce_(self.sum_lo.clone())
+        self.sum_hi = distributed.reduce_(self.sum_hi.clone())
+        self.calls = int(distributed.sum_float(float(self.calls)))
+        self.min_val, self.max_val = self.sum_lo / self.calls, self.sum_hi / self.calls
+
 
 class MSEObserver(MinMaxObserver):
     """Min-max range, then a search over clip ratios minimising the quantization MSE.
@@ -121,6 +143,11 @@ class MSEObserver(MinMaxObserver):
         step = max(1, flat.numel() // self.max_samples)
         self.samples.append(flat[::step][: self.max_samples].cpu())
         return super().batch_range(x)
+
+    def sync(self) -> None:
+        super().sync()
+        if distributed.active():
+            self.samples = [t for part in distributed.gather(self.samples) for t in part]
 
     def best_clip_ratio(self, bits: int) -> float:
         lo, hi = self.range()

@@ -19,6 +19,7 @@ import warnings
 import torch
 from torch.fx import GraphModule, Node
 
+from qfx import distributed
 from qfx import primitives as P
 from qfx.graph import get_attr_tensor, set_attr_tensor
 from qfx.algorithms.gptaq import asymmetric_target
@@ -94,7 +95,9 @@ def _joint_gptq(gm: GraphModule, recipe: Recipe, solved: dict) -> dict[str, dict
         if HessianObserver in observers:
             groups.setdefault(id(observers[HessianObserver]), []).append((plan, observers[HessianObserver]))
     out = {}
-    for members in groups.values():
+    for i, members in enumerate(groups.values()):
+        if i % distributed.world() != distributed.rank():
+            continue  # under torchrun, another process solves this group (shared below)
         plans_, hessian = [p for p, _ in members], members[0][1]
         weights = [get_attr_tensor(gm, p.weight_target) for p in plans_]
         tensors = _gptq_weight_tensors(torch.cat(weights), plans_[0].weight, hessian, recipe)
@@ -102,6 +105,9 @@ def _joint_gptq(gm: GraphModule, recipe: Recipe, solved: dict) -> dict[str, dict
         for p in plans_:
             out[p.path] = {k: v[row : row + p.out_features] for k, v in tensors.items()}
             row += p.out_features
+    if distributed.active():
+        devices = {p.path: get_attr_tensor(gm, p.weight_target).device for members in groups.values() for p, _ in members}
+        out = {path: {k: v.to(devices[path]) for k, v in t.items()} for path, t in distributed.share(out).items()}
     return out
 
 
