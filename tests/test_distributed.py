@@ -78,12 +78,13 @@ def test_without_a_process_group_everything_is_one_process():
     assert distributed.share({"a": 1}) == {"a": 1}
 
 
-def test_torchrun_splits_the_cli_and_only_the_first_process_writes(tmp_path, tiny_hf_dir):
+@pytest.mark.parametrize("stream", [False, True], ids=["in memory", "streamed from disk"])
+def test_torchrun_splits_the_cli_and_only_the_first_process_writes(tmp_path, tiny_hf_dir, stream):
     common = ["quantize", "--model", str(tiny_hf_dir), "--method", "gptq", "--w-group", "32", "--seq-len", "32",
               "--calib-samples", "4", "--calib-batch-size", "1", "--device", "cpu", "--quiet", "--json"]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--standalone", "-m", "qfx.cli", *common, "--output", str(tmp_path / "two")],
-                         capture_output=True, text=True, timeout=600)
+                          "--standalone", "-m", "qfx.cli", *common, *(["--stream"] if stream else []),
+                          "--output", str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
     lines = [ln for ln in two.stdout.splitlines() if ln.startswith("{")]
     assert len(lines) == 1 and json.loads(lines[0])["calib_samples"] == 4  # printed once, by the first process
