@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 SHAPES = {  # LlamaConfig fields
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
@@ -142,7 +143,6 @@ def main() -> None:
     if a.one:
         print("ROW " + json.dumps(run_mode(a, *a.one)), flush=True)
         return
-    sys.path.insert(0, str(ROOT))
     rows = []
     for shape in a.shapes.split(","):
         t = time.time()
