@@ -1,8 +1,8 @@
 """Safetensors shards read one tensor at a time and written as tensors arrive.
 
 `WeightFiles` reads a folder holding `model.safetensors` or shards listed in
-`model.safetensors.index.json` (what `save_pretrained` writes): files are memory-mapped and a
-tensor is read only when asked for, so a model larger than the host's memory can be read
+`model.safetensors.index.json` (what `save_pretrained` writes): a tensor is read only when
+asked for, so a model larger than the host's memory can be read
 block by block. `ShardWriter` fills a folder's shards in the order tensors come, starting a
 new shard past a size, and writes the index at the end.
 """
@@ -20,7 +20,7 @@ from qfx.checkpoint_folder import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-SHARD_BYTES = 2**30  # a shard's size, and what a streamed run holds of its output at most
+SHARD_BYTES = 2**29  # a shard's size, and what a streamed run holds of its output at most
 
 
 class WeightFiles:
@@ -28,7 +28,6 @@ class WeightFiles:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        self._handles: dict[str, object] = {}  # shard file -> open safetensors reader
         if not self.folder.is_dir():
             raise CheckpointError(f"{self.folder}: no such folder")
         index = self.folder / INDEX_FILE
@@ -43,7 +42,8 @@ class WeightFiles:
                                       f"{' ...' if len(missing) > 3 else ''}")
             self.shard_of = dict(weight_map)
         elif (self.folder / SINGLE_FILE).is_file():
-            self.shard_of = {name: SINGLE_FILE for name in self._open(SINGLE_FILE).keys()}
+            with self._open(SINGLE_FILE) as f:
+                self.shard_of = {name: SINGLE_FILE for name in f.keys()}
         else:
             bins = sorted(p.name for p in self.folder.glob("*.bin"))
             if bins:
@@ -54,12 +54,13 @@ class WeightFiles:
             raise CheckpointError(f"{self.folder}: no {SINGLE_FILE} or {INDEX_FILE}")
 
     def _open(self, shard: str):
-        if shard not in self._handles:
-            try:
-                self._handles[shard] = safe_open(str(self.folder / shard), framework="pt")
-            except Exception as e:
-                raise CheckpointError(f"{self.folder / shard}: cannot read safetensors ({e})") from None
-        return self._handles[shard]
+        """The shard's reader. Opened for each read and closed after it: an open reader keeps the
+        file mapped, and every page read through it would stay in this process's resident memory
+        (a whole model's worth by the end of a streamed run)."""
+        try:
+            return safe_open(str(self.folder / shard), framework="pt")
+        except Exception as e:
+            raise CheckpointError(f"{self.folder / shard}: cannot read safetensors ({e})") from None
 
     def names(self) -> list[str]:
         return list(self.shard_of)
@@ -71,7 +72,8 @@ class WeightFiles:
         """The tensor stored under `name`, read into memory (CPU)."""
         if name not in self.shard_of:
             raise CheckpointError(f"{self.folder}: no tensor {name!r}")
-        return self._open(self.shard_of[name]).get_tensor(name)
+        with self._open(self.shard_of[name]) as f:
+            return f.get_tensor(name)
 
 
 class ShardWriter:
