@@ -178,12 +178,24 @@ def _too_large_for_memory(a: argparse.Namespace, recipe) -> bool:
             not ((folder / INDEX_FILE).is_file() or (folder / SINGLE_FILE).is_file()):
         return False
     weights = sum(f.stat().st_size for f in files)
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    available = _memory_available()
     if weights < 0.8 * available:
         return False
     print(f"qfx quantize: {a.model} holds {weights / 2**30:.1f} GiB of weights and {available / 2**30:.1f} GiB of "
           "memory is available: quantizing block by block from disk (as --stream)", file=sys.stderr)
     return True
+
+
+def _memory_available() -> int:
+    """Bytes the kernel says can be allocated without swapping (MemAvailable: free memory plus
+    the page cache it can drop), or free pages where /proc/meminfo is absent."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _quantize_streaming(a: argparse.Namespace, recipe, recipe_text: str, start: float) -> dict:

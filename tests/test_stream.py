@@ -128,3 +128,14 @@ def test_cli_says_a_full_disk_in_one_line(tmp_path, tiny_hf_dir, capsys, monkeyp
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "disk full" in err and "removed" in err, err
     assert not (tmp_path / "q").exists()
+
+
+def test_cli_streams_by_itself_when_the_weights_would_not_fit(tmp_path, tiny_hf_dir, capsys, monkeypatch):
+    import qfx.cli
+
+    monkeypatch.setattr(qfx.cli, "_memory_available", lambda: 1000)  # bytes: less than any model
+    assert main(["quantize", "--model", str(tiny_hf_dir), "--output", str(tmp_path / "q"), "--quiet", "--json",
+                 "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["streamed"]
+    assert "memory is available: quantizing block by block from disk" in captured.err
