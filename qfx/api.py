@@ -56,6 +56,16 @@ def convert(prepared: GraphModule) -> GraphModule:
     return quantize_linears(prepared)
 
 
+def given_batches(calib, why: str) -> list[torch.Tensor]:
+    """The calibration batches `calib` holds (or its function returns); `why` they are needed
+    heads the error when there are none."""
+    given = calib() if callable(calib) else calib
+    batches = [] if given is None else list(given)
+    if not batches:
+        raise ConfigError(f"{why}: pass calib=")
+    return batches
+
+
 def quantize(
     model: torch.nn.Module,
     recipe: Recipe | str,
@@ -85,10 +95,7 @@ def quantize(
     def calibration_batches(why: str) -> list[torch.Tensor]:
         nonlocal batches
         if batches is None:
-            given = calib() if callable(calib) else calib
-            batches = None if given is None else list(given)
-        if not batches:
-            raise ConfigError(f"{why}: pass calib=")
+            batches = given_batches(calib, why)
         timings["calib_samples"] = sum(int(b.shape[0]) for b in batches)
         return batches
 

@@ -90,18 +90,14 @@ def cmd_quantize(a: argparse.Namespace) -> dict:
     if a.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
 
-    def samples():
-        data = calibration_samples(tokenize(read_text(a.calib), tokenizer), a.calib_samples, a.seq_len, a.seed)
-        return data.split(a.calib_batch_size)
-
     save_rotations = None
     if a.rotation_out:
         from qfx.passes.rotate import save_rotations as write
 
         save_rotations = lambda rotations: write(rotations, a.rotation_out)  # noqa: E731
     timings: dict = {}
-    qmodel = qfx.quantize(model, recipe, calib=samples, progress=progress, device=a.device, timings=timings,
-                          on_rotations=save_rotations)
+    qmodel = qfx.quantize(model, recipe, calib=lambda: _calibration_batches(a, tokenizer), progress=progress,
+                          device=a.device, timings=timings, on_rotations=save_rotations)
     calib_used, calib_seconds = timings["calib_samples"], timings["calib_seconds"]
     if not first:
         return None  # every process calibrated; the first evaluates, saves and prints
@@ -153,6 +149,14 @@ def cmd_quantize(a: argparse.Namespace) -> dict:
     }
 
 
+def _calibration_batches(a: argparse.Namespace, tokenizer) -> tuple[torch.Tensor, ...]:
+    """--calib-samples windows of --seq-len tokens from --calib, in batches of --calib-batch-size."""
+    from qfx.data import calibration_samples, read_text, tokenize
+
+    data = calibration_samples(tokenize(read_text(a.calib), tokenizer), a.calib_samples, a.seq_len, a.seed)
+    return data.split(a.calib_batch_size)
+
+
 def _join_process_group(a: argparse.Namespace) -> bool:
     """Under torchrun (WORLD_SIZE > 1) join its process group (NCCL on this process's GPU, gloo
     on CPUs) so that calibration is split across the processes. True on the first process."""
@@ -201,7 +205,6 @@ def _memory_available() -> int:
 def _quantize_streaming(a: argparse.Namespace, recipe, recipe_text: str, start: float) -> dict:
     """`qfx quantize --stream`: weights read from disk and the result written block by block."""
     import qfx
-    from qfx.data import calibration_samples, read_text, tokenize
     from qfx.eval import perplexity
     from qfx.models import ModelError
     from qfx.stream import quantize_streaming
@@ -220,14 +223,11 @@ def _quantize_streaming(a: argparse.Namespace, recipe, recipe_text: str, start: 
     if a.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
 
-    def samples():
-        data = calibration_samples(tokenize(read_text(a.calib), tokenizer), a.calib_samples, a.seq_len, a.seed)
-        return data.split(a.calib_batch_size)
-
     first = _join_process_group(a)
     t_quant, timings = time.time(), {}
-    quantize_streaming(a.model, recipe, a.output, calib=samples, device=a.device, dtype=DTYPES[a.dtype],
-                       progress=not a.quiet and first, tokenizer=tokenizer, overwrite=a.overwrite, timings=timings)
+    quantize_streaming(a.model, recipe, a.output, calib=lambda: _calibration_batches(a, tokenizer), device=a.device,
+                       dtype=DTYPES[a.dtype], progress=not a.quiet and first, tokenizer=tokenizer,
+                       overwrite=a.overwrite, timings=timings)
     if not first:
         return None
     quant_seconds = time.time() - t_quant

@@ -29,12 +29,11 @@ from qfx.graph import get_attr_tensor, set_attr_tensor
 from qfx.checkpoint_folder import CheckpointError, atomic_dir
 from qfx.config import Recipe
 from qfx.pipeline import for_tensors
-from qfx.weight_files import WeightFiles
+from qfx.weight_files import SINGLE_FILE as WEIGHTS_FILE, WeightFiles
 
 FORMAT = "qfx"
 FORMAT_VERSION = 2  # 2: online rotations of sizes 156 * 2^k and 172 * 2^k use Hadamard matrices
 META_FILE = "qfx.json"
-WEIGHTS_FILE = "model.safetensors"
 
 
 

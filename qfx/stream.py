@@ -27,7 +27,7 @@ import torch
 from torch.fx import GraphModule
 
 from qfx import distributed
-from qfx.api import needs_calibration, prepare
+from qfx.api import given_batches, needs_calibration, prepare
 from qfx.calibrate import calibrate
 from qfx.capture import capture
 from qfx.checkpoint_folder import CheckpointError, atomic_dir
@@ -73,10 +73,7 @@ def quantize_streaming(
     stream = FolderStream(weights, tied_names(model), layout)
     batches: list[torch.Tensor] = []
     if needs_calibration(prepared):
-        given = calib() if callable(calib) else calib
-        batches = [] if given is None else list(given)
-        if not batches:
-            raise ConfigError("this recipe needs calibration data (static activation scales or GPTQ): pass calib=")
+        batches = given_batches(calib, "this recipe needs calibration data (static activation scales or GPTQ)")
     timings = {} if timings is None else timings
     start = time.time()
     if distributed.rank() != 0:  # under torchrun every process calibrates and the first one writes
@@ -180,6 +177,7 @@ class FolderStream:
 class _Discard(ShardWriter):
     """A writer that keeps names only: the processes of a torchrun group other than the first."""
 
-    def _flush(self) -> None:
-        self.weight_map.update(dict.fromkeys(self.pending, ""))
-        self.pending, self.pending_bytes = {}, 0
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self:
+            raise CheckpointError(f"tensor {name!r} written twice")
+        self.weight_map[name] = ""  # nothing held or copied off the device

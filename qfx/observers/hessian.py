@@ -80,8 +80,6 @@ class HessianObserver(torch.nn.Module):
         if not distributed.active():
             return
         self._allocate(self.hessian.device if self.hessian.numel() else torch.device("cpu"))
-        if isinstance(self, AsymmetricHessianObserver) and self.delta_cross.numel() == 0:
-            self.delta_cross = torch.zeros_like(self.hessian)
         counts = distributed.reduce_(torch.tensor([self.weight_sum, float(self.n_tokens)], dtype=torch.float64))
         for buf in self._weighted_sums():
             buf.mul_(self.weight_sum / max(float(counts[0]), 1e-30))
@@ -121,14 +119,17 @@ class AsymmetricHessianObserver(HessianObserver):
         self._check(rows)
         self._check(fp_rows)
         self._allocate(rows.device)
-        if self.delta_cross.numel() == 0:
-            self.delta_cross = torch.zeros_like(self.hessian)
         fp_rows = fp_rows.to(rows.device) - rows  # X - X~
         self._accumulate(self.delta_cross, fp_rows, rows, seq_len)
         self.weight_sum = self._accumulate(self.hessian, rows, rows, seq_len)
         self.n_tokens += rows.shape[0]
         self._fp_rows = None
         return x
+
+    def _allocate(self, device: torch.device) -> None:
+        super()._allocate(device)
+        if self.delta_cross.numel() == 0:
+            self.delta_cross = torch.zeros_like(self.hessian)
 
     def _weighted_sums(self) -> list[torch.Tensor]:
         return [self.hessian, self.delta_cross]
