@@ -10,17 +10,19 @@ Steps on the Dynamo graph:
    `qfx::kernel_linear` over weights re-packed for that kernel, taking in the online rotation
    (`qfx::hadamard`) that feeds an int8/fp8-activation one, and lower the other rotations to
    `qfx::kernel_hadamard` (`lower_kernels`);
-3. fuse kernel linears that read the same input (q, k, v; gate, up) into one wider launch
+3. where a norm feeds int8/fp8-activation kernel linears, quantize their input per token in
+   the norm's own kernel (`quantize_in_producer`), so they read codes;
+4. fuse kernel linears that read the same input (q, k, v; gate, up) into one wider launch
    (`fuse_siblings`);
-4. hand the graph to Inductor, with the reference implementations of the remaining
-   `qfx::quantized_linear` and of `qfx::quantize_kv` (the KV-cache quantizer, which Inductor
-   then fuses into one generated kernel with its neighbours) as decompositions, so that
-   Inductor sees plain aten math. A `qfx::hadamard` left over (CPU, or a size the rotation
+5. hand the graph to Inductor, with the reference implementations of the remaining
+   `qfx::quantized_linear`, of `qfx::quantize_rows` (step 3's quantizer) and of
+   `qfx::quantize_kv` (the KV-cache quantizer) as decompositions, so that Inductor sees plain
+   aten math and fuses the quantizers into one generated kernel with their neighbours. A `qfx::hadamard` left over (CPU, or a size the rotation
    kernel refuses) runs as the op itself.
 
 Options: `recipe` (above), `kernels` ("auto": lower on CUDA; "off": never; "on": also under the
-Triton interpreter, for tests), `fuse_siblings` (default True), `decompose` (default True); the rest go to Inductor as config
-patches. What happened is recorded in `gm.meta["qfx"]` of the graph handed over.
+Triton interpreter, for tests), `quantize_in_producer` (default True), `fuse_siblings` (default
+True), `decompose` (default True); the rest go to Inductor as config patches. What happened is recorded in `gm.meta["qfx"]` of the graph handed over.
 
 Inductor's `emulate_precision_casts` defaults to True here (pass False to turn it off): fused
 bf16/fp16 ops then round their intermediates as eager does. Left off, Inductor keeps them in
@@ -38,11 +40,13 @@ from torch.fx import GraphModule
 import qfx.lowering.kernel_op  # noqa: F401  (registers qfx::kernel_linear)
 from qfx.config import Recipe
 from qfx.lowering.constant_inputs import ConstantInputs
+from qfx.lowering.kernels.act_quant_gemm import quantize_rows_ref
 from qfx.ops import quantize_kv_ref, quantized_linear_ref
 
 QFX_OPS = (torch.ops.qfx.quantized_linear.default,)
 DECOMPOSITIONS = {torch.ops.qfx.quantized_linear.default: quantized_linear_ref,
-                  torch.ops.qfx.quantize_kv.default: quantize_kv_ref}
+                  torch.ops.qfx.quantize_kv.default: quantize_kv_ref,
+                  torch.ops.qfx.quantize_rows.default: quantize_rows_ref}
 KERNEL_MODES = ("auto", "on", "off")
 
 
@@ -91,6 +95,7 @@ def qfx_backend(gm: GraphModule, example_inputs, options: dict | None = None):
     recipe = options.pop("recipe", None)
     kernels = options.pop("kernels", "auto")
     fuse = options.pop("fuse_siblings", True)
+    in_producer = options.pop("quantize_in_producer", True)
     options.setdefault("emulate_precision_casts", True)  # eager's roundings (module docstring)
     info = gm.meta.setdefault("qfx", {})
     gm = _own_copy(gm)
@@ -105,6 +110,10 @@ def qfx_backend(gm: GraphModule, example_inputs, options: dict | None = None):
         from qfx.lowering.lower_kernels import lower_kernels
 
         info.update(lower_kernels(gm, constants.example_inputs(example_inputs), constants))
+        if in_producer:
+            from qfx.lowering.quantize_in_producer import quantize_in_producer
+
+            info.update(quantize_in_producer(gm, constants.example_inputs(example_inputs)))
         if fuse:
             from qfx.lowering.fuse_siblings import fuse_sibling_kernels
 

@@ -5,7 +5,13 @@ and runs the Triton kernel chosen by `kernel`: "wint_a16" (weight-only), "act_qu
 (int8/fp8 activations quantized per token inside the GEMM) or "hadamard_act_quant" (the same
 GEMM on x @ H_K, the online rotation `qfx::hadamard` that fed it, rotated and quantized in one
 pass over x; `mix` is the rotation's factor, see `kernels.hadamard_rows`). Inductor keeps it as
-an extern call; its fake implementation gives the output shape for tracing.
+an extern call; its fake implementation gives the output shape for tracing. With "act_quant"
+and x already quantized (int8 / e4m3 codes from `qfx::quantize_rows`), `a_scale` holds their
+row scales and `out_dtype` the dtype of y.
+
+`qfx::quantize_rows` is the per-token activation quantizer on its own: (codes, row scales).
+The backend hands Inductor its reference math, so that it is computed in the kernel Inductor
+generates for the op producing x (a norm), see `lowering.quantize_in_producer`.
 
 `qfx::kernel_hadamard` is `qfx::hadamard` on the Triton kernel, where no GEMM takes it in.
 """
@@ -37,6 +43,7 @@ class KernelLinearArgs(NamedTuple):
     n: int
     k: int
     mix: Any = None
+    out_dtype: Any = None
 
     @classmethod
     def of(cls, node) -> "KernelLinearArgs":
@@ -61,6 +68,7 @@ def kernel_linear(
     n: int,
     k: int,
     mix: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """y (..., N) = kernel(x (..., K)) with the weight held as `KernelWeight` fields."""
     kw = as_kernel_weight(data, scale, zero, bits, group, n, k)
@@ -71,14 +79,33 @@ def kernel_linear(
     if kernel in ("act_quant", "hadamard_act_quant"):
         from qfx.lowering.kernels.act_quant_gemm import act_quant_linear
 
-        return act_quant_linear(x, kw, a_scale, bias, hadamard=kernel == "hadamard_act_quant", mix=mix)
+        return act_quant_linear(x, kw, a_scale, bias, hadamard=kernel == "hadamard_act_quant", mix=mix,
+                                out_dtype=out_dtype)
     raise ValueError(f"kernel_linear: unknown kernel {kernel!r}; expected one of {KERNELS}")
 
 
 @kernel_linear.register_fake
-def _(x, data, scale, zero, bias, a_scale, kernel, bits, group, n, k, mix=None):
+def _(x, data, scale, zero, bias, a_scale, kernel, bits, group, n, k, mix=None, out_dtype=None):
     torch._check(x.shape[-1] == k, lambda: f"kernel_linear: x has {x.shape[-1]} features, expected {k}")
-    return x.new_empty((*x.shape[:-1], n))
+    return x.new_empty((*x.shape[:-1], n), dtype=out_dtype or x.dtype)
+
+
+@torch.library.custom_op("qfx::quantize_rows", mutates_args=())
+def quantize_rows(x: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., K) -> (codes (..., K) int8 or float8_e4m3fn, scales (...) float32), per token."""
+    from qfx.lowering.kernels import interpreting
+    from qfx.lowering.kernels.act_quant_gemm import quantize_rows as kernel, quantize_rows_ref
+
+    if not (x.is_cuda or interpreting()):
+        return quantize_rows_ref(x, fp8)
+    q, s = kernel(x.reshape(-1, x.shape[-1]).contiguous(), fp8)
+    return q.reshape(x.shape), s.reshape(x.shape[:-1])
+
+
+@quantize_rows.register_fake
+def _(x, fp8):
+    return (x.new_empty(x.shape, dtype=torch.float8_e4m3fn if fp8 else torch.int8),
+            x.new_empty(x.shape[:-1], dtype=torch.float32))
 
 
 @torch.library.custom_op("qfx::kernel_hadamard", mutates_args=())

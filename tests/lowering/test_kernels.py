@@ -193,7 +193,11 @@ def test_int8_activation_gemm_matches_reference(bits, group, rows, dtype):
                                  # BLOCK_K above the group: cut to it for every variant
                                  Config(16, 32, 128, variant="prequant"),
                                  Config(16, 32, 128, split_k=2, variant="prequant-once"),
-                                 Config(16, 32, 64, variant="tiled-once")])
+                                 Config(16, 32, 64, variant="tiled-once"),
+                                 # y^T = W x^T
+                                 Config(16, 32, 64, split_k=2, variant="swapped-prequant"),
+                                 Config(32, 64, 32, variant="swapped-tiled"),
+                                 Config(16, 32, 64, split_k=3, variant="swapped-prequant-once")])
 def test_act_quant_split_k_and_prequant(fmt, cfg):
     kw, _ = {"w8": lambda: make_weight(56, 300, 8, 0, True, int8_rows=True),
              "w4g64": lambda: make_weight(56, 300, 4, 64, True),

@@ -70,11 +70,14 @@ def _act_quant_gemm_kernel(
     M, N, K, GROUP, stride_xm, stride_ym, SPLIT_K,
     BITS: tl.constexpr, CONTAINER: tl.constexpr, ROWS: tl.constexpr, FP8: tl.constexpr,
     A_MODE: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-    EXACT_FP8_CAST: tl.constexpr, UNPACK_ONCE: tl.constexpr,
+    EXACT_FP8_CAST: tl.constexpr, UNPACK_ONCE: tl.constexpr, SWAP_AB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """A_MODE 0: x float, scales per row computed here (dynamic); 1: x float, one static scale
-    at as_ptr; 2: x already quantized (int8/e4m3 codes), its row scales at as_ptr."""
+    at as_ptr; 2: x already quantized (int8/e4m3 codes), its row scales at as_ptr.
+    SWAP_AB: the tile of y^T = W x^T, so that the (unpacked) weight tile is the tensor cores'
+    first operand, read from registers, and the x tile (K contiguous, as 8-bit operands must
+    be on Hopper) the second; the accumulator is transposed once at the end."""
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -94,8 +97,12 @@ def _act_quant_gemm_kernel(
             amax = tl.maximum(amax, tl.max(tl.abs(a.to(tl.float32)), axis=1))
         a_scale = tl.maximum(tl.math.div_rn(amax, 448.0 if FP8 else 127.5), 1e-12)
     inv_scale = tl.math.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), a_scale)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc_i = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -114,17 +121,25 @@ def _act_quant_gemm_kernel(
             else:
                 codes = load_packed_codes(w_ptr, offs_k, offs_n, mask_k, mask_n, N, CONTAINER)
             w = (codes - (1 << (BITS - 1))).to(tl.int8)
+        if SWAP_AB:
+            a, w = tl.trans(w), tl.trans(a)  # (BLOCK_N, BLOCK_K) @ (BLOCK_K, BLOCK_M)
         if FP8:
             part = tl.dot(a, w)
         else:
             part = tl.dot(a, w, out_dtype=tl.int32)
         if GROUPED:
             s = tl.load(ws_ptr + (k0 // GROUP) * N + offs_n, mask=mask_n, other=0.0)
-            acc += part.to(tl.float32) * s[None, :]
+            if SWAP_AB:
+                acc += part.to(tl.float32) * s[:, None]
+            else:
+                acc += part.to(tl.float32) * s[None, :]
         elif FP8:
             acc += part
         else:
             acc_i += part
+    if SWAP_AB:
+        acc = tl.trans(acc)
+        acc_i = tl.trans(acc_i)
     if not GROUPED:
         if not FP8:
             acc = acc_i.to(tl.float32)
@@ -143,6 +158,7 @@ def candidates(m: int, group: int, k: int, packed: bool = False, scaled_mm: bool
     instead of re-quantizing it in every one (always above M = 64; up to 64, both compete: the
     extra launch against the re-quantizing). For packed (int4..) weights each config
     also comes as "<variant>-once": each word of a W tile loaded once and shifted per code.
+    "swapped-<variant>" computes y^T (see the kernel's SWAP_AB).
     scaled_mm: add the cuBLAS candidate (see the module docstring) above M = 16."""
     if m <= 16:
         cfgs = [Config(16, n, bk, s, 4, st) for n, bk, s, st in
@@ -162,6 +178,18 @@ def candidates(m: int, group: int, k: int, packed: bool = False, scaled_mm: bool
         cfgs = [Config(bm, n, bk, 1, w, st, variant="prequant") for bm, n, bk, w, st in
                 [(128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (128, 128, 64, 4, 4), (256, 128, 128, 8, 3),
                  (128, 128, 128, 4, 4), (128, 256, 64, 8, 4)]]
+    # y^T = W x^T tiles (the weights feed the tensor cores from registers; BLOCK_N is the
+    # instruction's M side, so M = 1..16 does not fill a 64-row instruction with padding)
+    if m <= 16:
+        swapped = [(16, 64, 128, 4, 4, 3), (16, 128, 128, 4, 4, 3), (16, 64, 256, 2, 4, 3), (16, 128, 128, 8, 4, 3),
+                   (16, 64, 128, 8, 4, 3)]
+    elif m <= 64:
+        swapped = [(64, 64, 128, 2, 4, 3), (64, 128, 128, 2, 4, 3), (64, 64, 128, 4, 4, 3), (64, 128, 128, 1, 4, 4)]
+    elif m <= 256:
+        swapped = [(128, 64, 128, 1, 4, 4), (128, 128, 128, 1, 8, 3), (256, 128, 128, 1, 8, 3), (64, 128, 128, 1, 4, 4)]
+    else:
+        swapped = [(128, 128, 128, 1, 8, 3), (256, 128, 128, 1, 8, 3), (128, 256, 128, 1, 8, 3), (128, 128, 128, 1, 4, 4)]
+    cfgs += [Config(bm, n, bk, s, w, st, variant="swapped-prequant") for bm, n, bk, s, w, st in swapped]
     if packed:
         cfgs += [c._replace(variant=c.variant + "-once") for c in cfgs]
     if scaled_mm and m > 16:
@@ -184,6 +212,7 @@ def supported(kw: KernelWeight) -> bool:
     return kw.zero is None and (kw.group >= kw.k or kw.group % 32 == 0)
 
 
+CODES = (torch.int8, torch.float8_e4m3fn)  # x already quantized: a_scale holds its row scales
 ROW_BLOCK = 16384  # longest row quantize_rows holds at once (16 warps, 32 values a thread)
 
 
@@ -204,10 +233,10 @@ def launch(x2, kw: KernelWeight, a_scale, bias, cfg: Config, out_dtype: torch.dt
     their dtype), or already quantized ones (int8 / e4m3 codes, `a_scale` their row scales,
     y in `out_dtype`)."""
     cfg = fit_block_k(cfg, kw.group, kw.k)
-    quantized = x2.dtype in (torch.int8, torch.float8_e4m3fn)
+    quantized = x2.dtype in CODES
     out_dtype = out_dtype or x2.dtype
     a_mode = 2 if quantized else 1 if a_scale is not None else 0
-    if a_mode == 0 and cfg.variant.startswith(("prequant", "scaled_mm")):
+    if a_mode == 0 and cfg.variant.removeprefix("swapped-").startswith(("prequant", "scaled_mm")):
         x2, a_scale = quantize_rows(x2, kw.fp8)
         a_mode = 2
     if cfg.variant == "scaled_mm":
@@ -228,6 +257,7 @@ def launch(x2, kw: KernelWeight, a_scale, bias, cfg: Config, out_dtype: torch.dt
         BITS=kw.bits, CONTAINER=kw.container, ROWS=kw.layout == "rows", FP8=kw.fp8,
         A_MODE=a_mode, GROUPED=grouped, HAS_BIAS=bias is not None, SPLIT=cfg.split_k > 1,
         EXACT_FP8_CAST=kw.fp8 and interpreting(), UNPACK_ONCE=cfg.variant.endswith("-once") and kw.layout == "packed",
+        SWAP_AB=cfg.variant.startswith("swapped-"),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -236,8 +266,10 @@ def launch(x2, kw: KernelWeight, a_scale, bias, cfg: Config, out_dtype: torch.dt
 
 def act_quant_linear(x: torch.Tensor, kw: KernelWeight, a_scale: torch.Tensor | None = None,
                      bias: torch.Tensor | None = None, config: Config | None = None, hadamard: bool = False,
-                     mix: torch.Tensor | None = None) -> torch.Tensor:
+                     mix: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x (..., K) bf16/fp16/fp32 -> (..., N); a_scale: static per-tensor scale (scalar) or None.
+    Or x (..., K) int8 / e4m3 codes (`quantize_rows`), a_scale their row scales (...), and y in
+    `out_dtype`.
 
     hadamard: the GEMM reads x @ H_K (the online rotation `qfx::hadamard`; `mix` is its factor
     `hadamard_rows.mix_factor(K)`), rotated and, with dynamic scales, quantized per row in one
@@ -245,7 +277,12 @@ def act_quant_linear(x: torch.Tensor, kw: KernelWeight, a_scale: torch.Tensor | 
     x2 = x.reshape(-1, kw.k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    out_dtype = x.dtype
+    if x.dtype in CODES:
+        if a_scale is None or out_dtype is None:
+            raise ValueError("act_quant_linear: quantized x needs its row scales and an out_dtype")
+        a_scale = a_scale.reshape(-1).float().contiguous()
+    else:
+        out_dtype = x.dtype
     if hadamard:
         if a_scale is None:
             x2, a_scale = hadamard_quantize_rows(x2, mix, kw.fp8)
@@ -256,11 +293,23 @@ def act_quant_linear(x: torch.Tensor, kw: KernelWeight, a_scale: torch.Tensor | 
         key = (f"act_quant/{tuning.m_bucket(m)}/{kw.n}/{kw.k}/{kw.bits}/{kw.fp8}/{kw.group}/"
                f"{a_scale is not None}/{x2.dtype}")
         cands = candidates(m, kw.group, kw.k, packed=kw.layout == "packed",
-                           scaled_mm=scaled_mm_applies(kw, a_scale if x2.dtype == x.dtype else None, out_dtype))
-        if x2.dtype != x.dtype:  # already quantized: "prequant" has nothing left to do
+                           scaled_mm=scaled_mm_applies(kw, None if x2.dtype in CODES else a_scale, out_dtype))
+        if x2.dtype != out_dtype:  # already quantized: "prequant" has nothing left to do
             cands = list(dict.fromkeys(c._replace(variant=c.variant.replace("prequant", "tiled")) for c in cands))
         config = tuning.pick(key, cands, lambda c: launch(x2, kw, a_scale, bias, c, out_dtype))
     return launch(x2, kw, a_scale, bias, config, out_dtype).reshape(*x.shape[:-1], kw.n)
+
+
+def quantize_rows_ref(x: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_rows` in plain PyTorch, for x (..., K): (codes (..., K), scales (...) float32),
+    the per-token quantizer of `qfx.ops.fake_quantize_activation`."""
+    from qfx import primitives as P
+
+    if fp8:
+        scale = P.fp8_scale(x.float().abs().amax(-1, keepdim=True))
+        return P.fp8_quantize(x, scale), scale.squeeze(-1)
+    q, scale = P.quantize_per_token(x, 8)
+    return q, scale.squeeze(-1)
 
 
 def act_quant_ref(x: torch.Tensor, kw: KernelWeight, a_scale: torch.Tensor | None = None,
