@@ -1,5 +1,5 @@
-"""Kernel benchmark: qfx's Triton GEMMs against cuBLAS bf16, torch._int_mm, torch._scaled_mm, torchao int4,
-and the roofline, on Llama-3-8B and Llama-3.2-1B linear shapes (CUDA only).
+"""Kernel benchmark: qfx's Triton GEMMs against cuBLAS bf16, torch._int_mm, torch._scaled_mm, torchao int4
+(each packing format that runs here), PyTorch's tinygemm (torch._weight_int4pack_mm), and the roofline, on Llama-3-8B and Llama-3.2-1B linear shapes (CUDA only).
 
     python benchmarks/bench_kernels.py --out benchmarks/results
 
@@ -164,18 +164,58 @@ def rel_err(out, ref) -> float:
     return float((out.float() - ref.float()).norm() / ref.float().norm())
 
 
-def torchao_int4(w: torch.Tensor, group: int):
-    """torchao's int4 weight-only linear (tinygemm), or None with the reason."""
+TORCHAO_INT4_FORMATS = ("preshuffled", "plain", "tile_packed_to_4d")  # torchao's H100 advice first
+
+
+def torchao_int4(w: torch.Tensor, group: int) -> tuple[list[tuple[str, torch.nn.Module]], list[str]]:
+    """torchao's int4 weight-only linears, one per packing format that runs here:
+    ([(label, module)], notes). "preshuffled" and "plain" run fbgemm's Hopper kernels (they need
+    fbgemm-gpu-genai), "tile_packed_to_4d" runs tinygemm."""
     try:
         import torchao
         from torchao.quantization import Int4WeightOnlyConfig, quantize_
-
-        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="cuda", dtype=torch.bfloat16)
-        lin.weight.data.copy_(w)
-        quantize_(lin, Int4WeightOnlyConfig(group_size=group, int4_packing_format="tile_packed_to_4d"))
-        return lin, f"torchao {torchao.__version__} Int4WeightOnlyConfig(tile_packed_to_4d)"
     except Exception as e:  # noqa: BLE001
-        return None, f"torchao int4 unavailable: {type(e).__name__}: {e}"
+        return [], [f"torchao unavailable: {type(e).__name__}: {e}"]
+    found, notes = [], []
+    for fmt in TORCHAO_INT4_FORMATS:
+        try:
+            lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="cuda", dtype=torch.bfloat16)
+            lin.weight.data.copy_(w)
+            quantize_(lin, Int4WeightOnlyConfig(group_size=group, int4_packing_format=fmt))
+            x = torch.randn(16, w.shape[1], device="cuda", dtype=torch.bfloat16)
+            err = rel_err(lin(x), F.linear(x, w))
+            if not err < 0.1:  # 4-bit weights: a working linear is within a few percent
+                raise AssertionError(f"rel err {err:.3g} against the bf16 linear")
+            found.append((f"torchao_{fmt}", lin))
+            notes.append(f"torchao {torchao.__version__} Int4WeightOnlyConfig(int4_packing_format={fmt!r})")
+        except Exception as e:  # noqa: BLE001
+            notes.append(f"torchao int4 {fmt} did not run: {type(e).__name__}: {str(e)[:120]}")
+    return found, notes
+
+
+def tinygemm_int4(w: torch.Tensor, group: int):
+    """PyTorch's built-in tinygemm: (packed weight, scales-and-zeros, reference W) for
+    `torch._weight_int4pack_mm` (uint4 codes two per byte, then `_convert_weight_to_int4pack`'s
+    tensor-core tiling with innerKTiles = 8; bf16 scale and float zero per group and column:
+    w = (q - 8) s + z)."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp_min(1e-8)
+    zero = lo + 8 * scale
+    q = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).reshape(n, k)
+    packed = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
+    sz = torch.stack([scale.T, zero.T], dim=-1).to(torch.bfloat16).contiguous()  # (K / group, N, 2)
+    ref = ((q.reshape(n, k // group, group) - 8) * sz[..., 0].T.float()[..., None]
+           + sz[..., 1].T.float()[..., None]).reshape(n, k)
+    return packed, sz, ref
+
+
+def picked_configs(m: int, n: int, k: int) -> list[str]:
+    """The tuner's picks for this M bucket and shape (which variant and tile won)."""
+    table = tuning._load(tuning._cache_file())
+    return [f"{key.split('/')[0]} {tuple(v)}" for key, v in table.items()
+            if key.split("/")[1:4] == [str(tuning.m_bucket(m)), str(n), str(k)]]
 
 
 def bench_shape(name: str, n: int, k: int, ms: list[int], formats: list[str], roof: dict, notes: set) -> list[dict]:
@@ -183,13 +223,23 @@ def bench_shape(name: str, n: int, k: int, ms: list[int], formats: list[str], ro
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
     rows = []
     w_copies = [w] + [w.clone() for _ in range(n_copies(w.numel() * 2) - 1)]
-    ao, ao_note = torchao_int4(w, 128) if "w4a16_g128" in formats else (None, "")
-    notes.add(ao_note) if ao_note else None
-    ao_copies = [ao] if ao is not None else []
-    if ao is not None:
-        import copy
+    ao, ao_notes = torchao_int4(w, 128) if "w4a16_g128" in formats else ([], [])
+    notes.update(ao_notes)
+    import copy
 
-        ao_copies += [copy.deepcopy(ao) for _ in range(n_copies(n * k // 2) - 1)]
+    ao_copies = {label: [lin] + [copy.deepcopy(lin) for _ in range(n_copies(n * k // 2) - 1)] for label, lin in ao}
+    tiny = None
+    if "w4a16_g128" in formats:
+        try:
+            packed, sz, tiny_ref = tinygemm_int4(w, 128)
+            xt = torch.randn(16, k, device="cuda", dtype=torch.bfloat16)
+            err = rel_err(torch._weight_int4pack_mm(xt, packed, 128, sz), F.linear(xt, tiny_ref.to(torch.bfloat16)))
+            if not err < 1e-2:
+                raise AssertionError(f"rel err {err:.3g} against its dequantized weights")
+            tiny = [(packed, sz)] + [(packed.clone(), sz.clone()) for _ in range(n_copies(n * k // 2) - 1)]
+            notes.add("tinygemm: torch._weight_int4pack_mm, innerKTiles 8, g128")
+        except Exception as e:  # noqa: BLE001
+            notes.add(f"tinygemm did not run: {type(e).__name__}: {str(e)[:120]}")
     for fmt in formats:
         try:
             kw, run, ref = qfx_kernel(fmt, w)
@@ -207,6 +257,7 @@ def bench_shape(name: str, n: int, k: int, ms: list[int], formats: list[str], ro
                 if not err < 1e-2:
                     raise AssertionError(f"kernel disagrees with its reference: rel err {err:.3g}")
                 row["qfx_us"] = graph_time_us([lambda c=c: run(x, c) for c in kws])
+                row["configs"] = picked_configs(m, n, k)
             except Exception as e:  # noqa: BLE001
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 traceback.print_exc()
@@ -214,8 +265,12 @@ def bench_shape(name: str, n: int, k: int, ms: list[int], formats: list[str], ro
             peers = {}
             if m <= 16:
                 peers["read_us"] = floor
-            if fmt == "w4a16_g128" and ao is not None:
-                peers["torchao_int4_us"] = graph_time_us([lambda c=c: c(x) for c in ao_copies])
+            if fmt == "w4a16_g128":
+                for label, copies in ao_copies.items():
+                    peers[f"{label}_us"] = graph_time_us([lambda c=c: c(x) for c in copies])
+                if tiny is not None:
+                    peers["tinygemm_us"] = graph_time_us([lambda c=c: torch._weight_int4pack_mm(x, c[0], 128, c[1])
+                                                          for c in tiny])
             if fmt == "w8a8" and m > 16:  # torch._int_mm needs M > 16
                 xi = torch.randint(-127, 127, (m, k), device="cuda", dtype=torch.int8)
                 wis = [kk.data.T for kk in kws]
@@ -315,9 +370,14 @@ def main(argv=None) -> int:
     print(json.dumps(roof), flush=True)
     notes: set[str] = set()
     rows = []
-    for name in args.shapes.split(","):
+    for name in args.shapes.split(","):  # results rewritten after each shape: a run cut short keeps them
         rows += bench_shape(name, *SHAPES[name], ms, formats, roof, notes)
-    meta = {
+        write_results(Path(args.out), rows, run_meta(roof, notes))
+    return 0
+
+
+def run_meta(roof: dict, notes: set) -> dict:
+    return {
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name(),
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
@@ -327,8 +387,6 @@ def main(argv=None) -> int:
                      **{f"{k}_TFLOPs": v / 1e12 for k, v in roof.items() if k != "bandwidth"}},
         "notes": sorted(notes),
     }
-    write_results(Path(args.out), rows, meta)
-    return 0
 
 
 if __name__ == "__main__":

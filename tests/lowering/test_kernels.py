@@ -285,3 +285,22 @@ def test_kernel_agrees_with_op_reference():
     x = rand_x(6, 128, torch.bfloat16)
     ref = quantized_linear_ref(x.cpu(), args[0], args[1], args[2], None, 4, 64, 128, 16, None)
     assert rel_err(wint_a16_linear(x, kw, config=Config(16, 32, 64)).cpu(), ref) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("bits,group", [(4, 64), (4, 0), (2, 32)])
+@pytest.mark.parametrize("cfg", [Config(1, 32, 64, 4, variant="gemv"), Config(1, 16, 128, 1, variant="gemv")])
+def test_act_quant_gemv_on_int8_codes(bits, group, cfg):
+    """M = 1 with packed weights: the weight-only gemv kernel on the row's int8 codes, times the
+    row scale; from float x (quantized first) and from codes (quantized in a norm's kernel)."""
+    from qfx.lowering.kernels.act_quant_gemm import quantize_rows_ref
+
+    kw, _ = make_weight(56, 300, bits, group, True)
+    x = rand_x(1, 300, torch.bfloat16) * 3
+    bias = torch.randn(56).to(torch.bfloat16).to(DEVICE)
+    ref = act_quant_ref(x, kw, bias=bias)
+    assert rel_err(act_quant_linear(x, kw, bias=bias, config=cfg), ref) < TOL[torch.bfloat16]
+    codes, scales = quantize_rows_ref(x, False)
+    out = act_quant_linear(codes, kw, scales, bias=bias, config=cfg, out_dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and rel_err(out, ref) < TOL[torch.bfloat16]
+    with pytest.raises(ValueError, match="gemv variant"):
+        act_quant_linear(rand_x(2, 300, torch.bfloat16), kw, config=cfg)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qfx.lowering.kernels import interpreting, split_k, tuning
+from qfx.lowering.kernels import interpreting, split_k, tuning, wint_a16
 from qfx.lowering.kernels.layout import KernelWeight, dequantize_kernel_weight
 from qfx.lowering.kernels.hadamard_rows import hadamard_quantize_rows, hadamard_rows
 from qfx.lowering.kernels.quantize_tile import quantize_tile_fp8, quantize_tile_int8
@@ -152,14 +152,17 @@ def _act_quant_gemm_kernel(
                pid_m * tl.cdiv(N, BLOCK_N) + pid_n, M, N, SPLIT_K, SPLIT)
 
 
-def candidates(m: int, group: int, k: int, packed: bool = False, scaled_mm: bool = False) -> list[Config]:
+def candidates(m: int, group: int, k: int, packed: bool = False, scaled_mm: bool = False,
+               gemv: bool = False) -> list[Config]:
     """Explicit configs by M bucket; int8/fp8 dots want BLOCK_K >= 32. "prequant" configs quantize
     the activations in a separate pass first, so the GEMM reads int8/e4m3 x once per N tile
     instead of re-quantizing it in every one (always above M = 64; up to 64, both compete: the
     extra launch against the re-quantizing). For packed (int4..) weights each config
     also comes as "<variant>-once": each word of a W tile loaded once and shifted per code.
     "swapped-<variant>" computes y^T (see the kernel's SWAP_AB).
-    scaled_mm: add the cuBLAS candidate (see the module docstring) above M = 16."""
+    scaled_mm: add the cuBLAS candidate (see the module docstring) above M = 16.
+    gemv: add, at M = 1, the weight-only gemv kernel's configs run on the row's int8 codes
+    (`wint_a16.launch_gemv` with the row scale; packed weights with per-token scales)."""
     if m <= 16:
         cfgs = [Config(16, n, bk, s, 4, st) for n, bk, s, st in
                 [(64, 128, 1, 4), (64, 256, 2, 3), (32, 256, 4, 4), (128, 128, 4, 4), (64, 128, 8, 4), (32, 128, 1, 4),
@@ -194,6 +197,8 @@ def candidates(m: int, group: int, k: int, packed: bool = False, scaled_mm: bool
         cfgs += [c._replace(variant=c.variant + "-once") for c in cfgs]
     if scaled_mm and m > 16:
         cfgs.append(Config(0, 0, 0, variant="scaled_mm"))
+    if gemv and m == 1:
+        cfgs += wint_a16.GEMV
     return [fit_block_k(c, group, k) for c in cfgs]
 
 
@@ -236,9 +241,13 @@ def launch(x2, kw: KernelWeight, a_scale, bias, cfg: Config, out_dtype: torch.dt
     quantized = x2.dtype in CODES
     out_dtype = out_dtype or x2.dtype
     a_mode = 2 if quantized else 1 if a_scale is not None else 0
-    if a_mode == 0 and cfg.variant.removeprefix("swapped-").startswith(("prequant", "scaled_mm")):
+    if a_mode == 0 and cfg.variant.removeprefix("swapped-").startswith(("prequant", "scaled_mm", "gemv")):
         x2, a_scale = quantize_rows(x2, kw.fp8)
         a_mode = 2
+    if cfg.variant == "gemv":
+        if not (kw.layout == "packed" and a_mode == 2 and x2.shape[0] == 1):
+            raise ValueError("the gemv variant takes packed int weights, per-token scales and one row")
+        return wint_a16.launch_gemv(x2, kw, bias, cfg, row_scale=a_scale, out_dtype=out_dtype)
     if cfg.variant == "scaled_mm":
         if not (kw.fp8 and a_mode == 2 and out_dtype == torch.bfloat16):
             raise ValueError("the scaled_mm variant takes fp8 weights, per-token scales and bf16 output")
@@ -292,8 +301,10 @@ def act_quant_linear(x: torch.Tensor, kw: KernelWeight, a_scale: torch.Tensor | 
         m = x2.shape[0]
         key = (f"act_quant/{tuning.m_bucket(m)}/{kw.n}/{kw.k}/{kw.bits}/{kw.fp8}/{kw.group}/"
                f"{a_scale is not None}/{x2.dtype}")
+        static = a_scale is not None and x2.dtype not in CODES
         cands = candidates(m, kw.group, kw.k, packed=kw.layout == "packed",
-                           scaled_mm=scaled_mm_applies(kw, None if x2.dtype in CODES else a_scale, out_dtype))
+                           scaled_mm=scaled_mm_applies(kw, None if x2.dtype in CODES else a_scale, out_dtype),
+                           gemv=kw.layout == "packed" and not static)
         if x2.dtype != out_dtype:  # already quantized: "prequant" has nothing left to do
             cands = list(dict.fromkeys(c._replace(variant=c.variant.replace("prequant", "tiled")) for c in cands))
         config = tuning.pick(key, cands, lambda c: launch(x2, kw, a_scale, bias, c, out_dtype))

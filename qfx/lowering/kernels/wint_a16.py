@@ -194,8 +194,8 @@ def as_float(bits, mask, magic: tl.constexpr):
 
 @triton.jit
 def _wint_gemv_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, N, K, GROUP, SPLIT_K, CODE_MASK,
-    BITS: tl.constexpr, CONTAINER: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, xs_ptr, N, K, GROUP, SPLIT_K, CODE_MASK,
+    BITS: tl.constexpr, CONTAINER: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr,
     SPLIT: tl.constexpr, EVEN_K: tl.constexpr, X_PAIRS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -211,7 +211,8 @@ def _wint_gemv_kernel(
     Per word row and column, the sum over j is added into a (ROWS, BLOCK_N) accumulator, which
     is reduced over rows once at the end. CODE_MASK = (2^c - 1) << (23 - c), the top code's bits.
     EVEN_K: BLOCK_K divides K, so no load needs a bound on K. X_PAIRS: x is bf16 viewed as int32
-    (K / 2 words), x_2p and x_2p+1 come in one load and become float32 by moving their bits."""
+    (K / 2 words), x_2p and x_2p+1 come in one load and become float32 by moving their bits.
+    ROW_SCALE: x holds int8 codes whose scale is at xs_ptr; the sum is multiplied by it."""
     PER_WORD: tl.constexpr = 32 // CONTAINER
     ROWS: tl.constexpr = CHUNK // PER_WORD
     ONE: tl.constexpr = 0x3F800000  # bits of 1.0
@@ -265,6 +266,8 @@ def _wint_gemv_kernel(
                 z = (1 << (BITS - 1)) + tl.zeros((BLOCK_N,), dtype=tl.float32)
             acc += s[None, :] * ((xf - xw[:, None]) * (1 << CONTAINER) - z[None, :] * xs[:, None])
     out = tl.sum(acc, axis=0)
+    if ROW_SCALE:
+        out = out * tl.load(xs_ptr)
     if HAS_BIAS:
         if pid_k == 0:
             out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -302,16 +305,18 @@ TILED = ("tiled", "tiled-once", "scaled", "scaled-once")  # variants of _wint_a1
 TILED += tuple("swapped-" + v for v in TILED)
 
 
+# gemv tiles that won on the 8B and 1B shapes on an H100; the split-K ones give N / BLOCK_N
+# programs (fewer than an H100 has SMs) enough company
+GEMV = [Config(1, n, bk, s, w, st, variant="gemv") for n, bk, s, w, st in
+        [(64, 256, 8, 4, 3), (32, 512, 8, 2, 3), (64, 256, 16, 4, 2), (128, 1024, 4, 4, 2), (64, 512, 4, 4, 3),
+         (256, 512, 2, 8, 3), (64, 1024, 1, 4, 2), (256, 256, 8, 8, 3), (64, 128, 8, 4, 3), (128, 256, 8, 4, 3),
+         (128, 128, 16, 4, 2), (256, 256, 4, 8, 3), (64, 256, 4, 2, 3), (128, 256, 4, 4, 3)]]
+
+
 def candidates(m: int, group: int, k: int) -> list[Config]:
     """Explicit configs by M bucket (H100-sized); BLOCK_K is cut to divide the group."""
-    # gemv tiles that won on the 8B and 1B shapes on an H100; the split-K ones give N / BLOCK_N
-    # programs (fewer than an H100 has SMs) enough company
-    gemv = [Config(1, n, bk, s, w, st, variant="gemv") for n, bk, s, w, st in
-            [(64, 256, 8, 4, 3), (32, 512, 8, 2, 3), (64, 256, 16, 4, 2), (128, 1024, 4, 4, 2), (64, 512, 4, 4, 3),
-             (256, 512, 2, 8, 3), (64, 1024, 1, 4, 2), (256, 256, 8, 8, 3), (64, 128, 8, 4, 3), (128, 256, 8, 4, 3),
-             (128, 128, 16, 4, 2), (256, 256, 4, 8, 3), (64, 256, 4, 2, 3), (128, 256, 4, 4, 3)]]
     if m == 1:
-        return gemv + [Config(16, 64, 128, 1, 4, 4), Config(16, 64, 128, 4, 4, 4)]
+        return GEMV + [Config(16, 64, 128, 1, 4, 4), Config(16, 64, 128, 4, 4, 4)]
     if m <= 16:
         cfgs = [Config(16, n, k, s, 4, st) for n, k, s, st in
                 [(64, 128, 4, 4), (64, 128, 8, 4), (128, 64, 4, 5), (128, 128, 4, 4), (32, 128, 4, 4), (64, 256, 2, 4),
@@ -338,9 +343,11 @@ def candidates(m: int, group: int, k: int) -> list[Config]:
         swapped = [(16, 128, 128, 8, 4, 3), (16, 64, 128, 4, 4, 3), (16, 64, 128, 8, 4, 3), (16, 128, 128, 4, 4, 3),
                    (16, 64, 128, 2, 4, 3), (16, 128, 128, 2, 4, 3), (16, 128, 64, 4, 4, 4)]
     elif m <= 64:
-        swapped = [(64, 64, 128, 4, 4, 3), (64, 64, 128, 2, 4, 3), (64, 128, 128, 4, 8, 3), (64, 128, 128, 1, 4, 3)]
+        swapped = [(64, 64, 128, 4, 4, 3), (64, 64, 128, 2, 4, 3), (64, 128, 128, 4, 8, 3), (64, 128, 128, 1, 4, 3),
+                   (64, 64, 128, 2, 4, 4), (64, 128, 64, 2, 4, 5), (64, 128, 128, 2, 4, 4)]
     elif m <= 256:
-        swapped = [(128, 64, 64, 2, 4, 3), (128, 64, 128, 2, 4, 3), (128, 64, 128, 1, 4, 3), (256, 128, 128, 1, 8, 3)]
+        swapped = [(128, 64, 64, 2, 4, 3), (128, 64, 128, 2, 4, 3), (128, 64, 128, 1, 4, 3), (256, 128, 128, 1, 8, 3),
+                   (128, 64, 128, 1, 4, 4), (128, 128, 64, 1, 8, 4), (64, 128, 128, 1, 4, 4), (256, 64, 64, 1, 4, 4)]
     else:  # the tiled kernels lose to "dequant" there
         swapped = []
     cfgs += [Config(bm, n, k, s, w, st, variant="swapped-scaled-once") for bm, n, k, s, w, st in swapped]
@@ -386,17 +393,7 @@ def launch(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, cfg: C
         y = x2 @ w_t
         return y if bias is None else y + bias
     if cfg.variant == "gemv" and m == 1 and not kw.fp8:
-        cfg = fit_split(cfg, 1, kw.n)
-        y = torch.empty((1, kw.n), device=x2.device, dtype=x2.dtype)
-        part = split_k.workspace(cfg.split_k, 1, kw.n, x2.device) if cfg.split_k > 1 else y
-        grid = (triton.cdiv(kw.n, cfg.block_n), cfg.split_k)
-        x_pairs = x2.dtype == torch.bfloat16 and kw.k % 2 == 0 and x2.data_ptr() % 4 == 0
-        _wint_gemv_kernel[grid](
-            x2.view(torch.int32) if x_pairs else x2, kw.data, kw.scale, kw.zero, bias, y, part, split_k.counters(x2.device), kw.n, kw.k, group,
-            cfg.split_k, ((1 << kw.container) - 1) << (23 - kw.container), BITS=kw.bits, CONTAINER=kw.container, HAS_ZERO=kw.zero is not None,
-            HAS_BIAS=bias is not None, SPLIT=cfg.split_k > 1, EVEN_K=kw.k % cfg.block_k == 0, X_PAIRS=x_pairs, CHUNK=gemv_chunk(cfg, kw.group, kw.k),
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        return y
+        return launch_gemv(x2, kw, bias, cfg)
     if cfg.variant not in TILED:  # a variant that does not apply here (e.g. gemv for M > 1)
         cfg = fit_block_k(Config(16 if m <= 16 else 64, 64, 64), kw.group, kw.k)
     cfg = fit_split(cfg, m, kw.n)
@@ -414,6 +411,26 @@ def launch(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, cfg: C
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    return y
+
+
+def launch_gemv(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, cfg: Config,
+                row_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y (1, N) for one row x2 (1, K) on the "gemv" kernel; with `row_scale` (one float32), x2
+    holds int8 codes and y = row_scale * (codes @ dequant(W)^T) + bias, in `out_dtype`."""
+    group = kw.group if kw.group < kw.k else 1 << 30
+    cfg = fit_split(cfg, 1, kw.n)
+    y = torch.empty((1, kw.n), device=x2.device, dtype=out_dtype or x2.dtype)
+    part = split_k.workspace(cfg.split_k, 1, kw.n, x2.device) if cfg.split_k > 1 else y
+    grid = (triton.cdiv(kw.n, cfg.block_n), cfg.split_k)
+    x_pairs = x2.dtype == torch.bfloat16 and kw.k % 2 == 0 and x2.data_ptr() % 4 == 0
+    _wint_gemv_kernel[grid](
+        x2.view(torch.int32) if x_pairs else x2, kw.data, kw.scale, kw.zero, bias, y, part,
+        split_k.counters(x2.device), row_scale, kw.n, kw.k, group, cfg.split_k,
+        ((1 << kw.container) - 1) << (23 - kw.container), BITS=kw.bits, CONTAINER=kw.container,
+        HAS_ZERO=kw.zero is not None, HAS_BIAS=bias is not None, ROW_SCALE=row_scale is not None,
+        SPLIT=cfg.split_k > 1, EVEN_K=kw.k % cfg.block_k == 0, X_PAIRS=x_pairs, CHUNK=gemv_chunk(cfg, kw.group, kw.k),
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
 
