@@ -176,3 +176,20 @@ def test_online_rotations_lowered_and_fused(recipe, fused, alone, token_ids):
     # bf16 logits; fp8 codes are 1/8 apart, so one code moved where the bf16 sums differ moves
     # more: with kernels off (Inductor's decomposition) fp8 differs from eager by 2.5e-2 here
     assert rel < (3e-2 if "fp8" in recipe else 2e-2)
+
+
+def test_quantized_lm_head_runs_on_a_kernel(token_ids):
+    """`rule:lm_head=w8` quantizes the head (the largest matrix a decode step reads in a small
+    model); the backend lowers it like any other quantized linear."""
+    from tests.conftest import tiny_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q = qfx.quantize(tiny_model("llama", dtype=torch.bfloat16).to(device), "w4 g32 asym rule:lm_head=w8",
+                     progress=False)
+    backend, seen = _spy({"kernels": "on"})
+    with torch.no_grad():
+        eager = q(token_ids.to(device))
+        out = torch.compile(q, backend=backend)(token_ids.to(device))
+    assert seen[0]["backend_qfx_ops"] == seen[0]["lowered"] == 15  # 7 per layer and the head
+    assert not seen[0]["unsupported"]
+    assert float((out.float() - eager.float()).norm() / eager.float().norm()) < 2e-2
