@@ -82,3 +82,29 @@ def test_gemm_on_codes_matches_gemm_on_floats(fmt, cfg):
     assert rel_err(out, act_quant_ref(x, kw)) < TOL[torch.bfloat16]
     with pytest.raises(ValueError, match="row scales"):
         act_quant_linear(codes, kw, config=cfg)
+
+
+def test_generation_graphs_read_codes_and_generate_as_eager():
+    """The cached graphs (prefill with dynamic shapes, one-token decode) take the pass too and
+    generate eager's greedy tokens."""
+    from qfx.generate import Generator
+    from qfx.lowering.backend import qfx_backend
+    from tests.conftest import tiny_model
+
+    q = qfx.quantize(tiny_model("llama", dtype=torch.bfloat16).to(DEVICE), "w8 g0 a8", progress=False)
+    ids = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(0))
+    eager = Generator.from_model(q, max_batch=1, max_length=32, compile=False)
+    expected = eager.generate(ids, max_new_tokens=5, eos_token_id=[]).tokens
+    gen = Generator.from_model(q, max_batch=1, max_length=32, compile=False)
+    seen = []
+
+    def backend(gm, example_inputs):
+        compiled = qfx_backend(gm, example_inputs, {"kernels": "on"})
+        seen.append(gm.meta["qfx"])
+        return compiled
+
+    torch._dynamo.reset()
+    gen._decode = torch.compile(gen._decode, backend=backend, dynamic=False)
+    gen._prefill = torch.compile(gen._prefill, backend=backend, dynamic=True)
+    assert gen.generate(ids, max_new_tokens=5, eos_token_id=[]).tokens == expected
+    assert [s["act_quant_in_producer"] for s in seen] == [10, 10]  # prefill, decode
