@@ -10,8 +10,9 @@ Linears that read the same norm (q, k, v; gate, up) share one quantization, so s
 still sees one input.
 
 A norm is found from data flow: through casts and elementwise products with a (K,) weight (or
-a scalar), an op that multiplies by a reciprocal square root (RMSNorm, and LayerNorm written
-out) or a fused norm op. Inputs from anything else (attention, the gated MLP product) keep the
+a scalar; Gemma's (1 + w) is one), an op that multiplies by a reciprocal square root or divides
+by a square root (RMSNorm, and LayerNorm written out) or a fused norm op. Finding one only
+decides where the quantization runs: the codes are computed from x itself either way. Inputs from anything else (attention, the gated MLP product) keep the
 quantization in the GEMM, where it costs no extra launch.
 
 Requires: `lower_kernels` has run. Guarantees: the rewritten linears compute the same codes as
@@ -31,8 +32,9 @@ from qfx.passes import finish
 
 aten = torch.ops.aten
 QUANTIZE_ROWS = torch.ops.qfx.quantize_rows.default
-CASTS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.clone.default, aten.contiguous.default,
-         aten.alias.default, aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+CASTS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.type_as.default, aten.clone.default,
+         aten.contiguous.default, aten.alias.default, aten.view.default, aten.reshape.default,
+         aten._unsafe_view.default}
 NORM_OPS = {aten.native_layer_norm.default, aten.layer_norm.default, aten.rms_norm.default}
 PRODUCTS = {aten.mul.Tensor, aten.div.Tensor}
 
@@ -47,9 +49,16 @@ def _through_casts(n):
     return n
 
 
-def _is_rsqrt(n) -> bool:
+def _is_call(n, target) -> bool:
     n = _through_casts(n)
-    return isinstance(n, Node) and n.op == "call_function" and n.target is aten.rsqrt.default
+    return isinstance(n, Node) and n.op == "call_function" and n.target is target
+
+
+def _normalizes(n: Node) -> bool:
+    """n is x * rsqrt(...) or x / sqrt(...)."""
+    if n.target is aten.div.Tensor:
+        return _is_call(n.args[1], aten.sqrt.default)
+    return any(_is_call(a, aten.rsqrt.default) for a in n.args)
 
 
 def _is_norm(x: Node, k: int, depth: int = 6) -> bool:
@@ -61,7 +70,7 @@ def _is_norm(x: Node, k: int, depth: int = 6) -> bool:
         return True
     if n.target not in PRODUCTS:
         return False
-    if any(_is_rsqrt(a) for a in n.args):
+    if _normalizes(n):
         return True
     for a, other in ((n.args[0], n.args[1]), (n.args[1], n.args[0])):
         shape = getattr(_value(other), "shape", None)

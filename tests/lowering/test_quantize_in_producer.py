@@ -108,3 +108,17 @@ def test_generation_graphs_read_codes_and_generate_as_eager():
     gen._prefill = torch.compile(gen._prefill, backend=backend, dynamic=True)
     assert gen.generate(ids, max_new_tokens=5, eos_token_id=[]).tokens == expected
     assert [s["act_quant_in_producer"] for s in seen] == [10, 10]  # prefill, decode
+
+
+@pytest.mark.parametrize("arch,rewritten", [("opt", 8), ("gpt2", 4), ("gemma", 10), ("phi3", 4), ("qwen2", 10)])
+def test_norms_of_other_architectures_are_found(arch, rewritten, token_ids):
+    """LayerNorm (OPT, GPT-2), Gemma's (1 + w) RMSNorm, fused qkv / gate_up projections (Phi-3,
+    GPT-2's Conv1D): per layer, every linear that reads a norm reads codes, one quantizer per norm."""
+    from tests.conftest import tiny_model
+
+    q = qfx.quantize(tiny_model(arch, dtype=torch.bfloat16).to(DEVICE), "w8 g0 a8", progress=False)
+    with torch.no_grad():
+        eager = q(token_ids.to(DEVICE))
+    out, _, seen = _compile(q, token_ids.to(DEVICE))
+    assert (seen["act_quant_in_producer"], seen["producer_quantizers"]) == (rewritten, 4)  # 2 layers x 2 norms
+    assert rel_err(getattr(out, "logits", out), getattr(eager, "logits", eager)) < 2e-2
