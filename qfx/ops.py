@@ -86,8 +86,12 @@ def fake_quantize_activation(x: torch.Tensor, a_bits: int, a_scale: torch.Tensor
                              clip_ratio: float = 1.0) -> torch.Tensor:
     """The activation values the quantized matmul sees, as float32. clip_ratio: per-token int only."""
     if fp8:
-        scale = P.fp8_scale(x.float().abs().amax(-1, keepdim=True)) if a_scale is None else a_scale.float()
-        return P.fp8_quantize(x, scale).float() * scale
+        if a_scale is None:
+            q, scale = P.quantize_per_token_fp8(x)
+        else:
+            scale = a_scale.float()
+            q = P.fp8_quantize(x, scale)
+        return q.float() * scale
     if a_scale is None:
         q, scale = P.quantize_per_token(x, a_bits, clip_ratio)
         return q.float() * scale

@@ -207,6 +207,13 @@ def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
     return torch.clamp(amax.float() / FP8_MAX, min=_EPS)
 
 
+def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token e4m3 quantization of x (..., K): codes (..., K) float8_e4m3fn and
+    scales (..., 1) float32, x ~ q * s (the fp8 twin of `quantize_per_token`)."""
+    scale = fp8_scale(x.float().abs().amax(-1, keepdim=True))
+    return fp8_quantize(x, scale), scale
+
+
 # -- packing ----------------------------------------------------------------------------
 
 

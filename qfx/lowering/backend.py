@@ -17,12 +17,13 @@ Steps on the Dynamo graph:
 5. hand the graph to Inductor, with the reference implementations of the remaining
    `qfx::quantized_linear`, of `qfx::quantize_rows` (step 3's quantizer) and of
    `qfx::quantize_kv` (the KV-cache quantizer) as decompositions, so that Inductor sees plain
-   aten math and fuses the quantizers into one generated kernel with their neighbours. A `qfx::hadamard` left over (CPU, or a size the rotation
-   kernel refuses) runs as the op itself.
+   aten math and fuses the quantizers into one generated kernel with their neighbours. A
+   `qfx::hadamard` left over (CPU, or a size the rotation kernel refuses) runs as the op itself.
 
 Options: `recipe` (above), `kernels` ("auto": lower on CUDA; "off": never; "on": also under the
 Triton interpreter, for tests), `quantize_in_producer` (default True), `fuse_siblings` (default
-True), `decompose` (default True); the rest go to Inductor as config patches. What happened is recorded in `gm.meta["qfx"]` of the graph handed over.
+True), `decompose` (default True); the rest go to Inductor as config patches. What happened is
+recorded in `gm.meta["qfx"]` of the graph handed over.
 
 Inductor's `emulate_precision_casts` defaults to True here (pass False to turn it off): fused
 bf16/fp16 ops then round their intermediates as eager does. Left off, Inductor keeps them in
@@ -37,10 +38,9 @@ import torch
 from torch._dynamo import register_backend
 from torch.fx import GraphModule
 
-import qfx.lowering.kernel_op  # noqa: F401  (registers qfx::kernel_linear)
 from qfx.config import Recipe
 from qfx.lowering.constant_inputs import ConstantInputs
-from qfx.lowering.kernels.act_quant_gemm import quantize_rows_ref
+from qfx.lowering.kernel_op import quantize_rows_ref  # importing it registers the qfx::kernel_* ops
 from qfx.ops import quantize_kv_ref, quantized_linear_ref
 
 QFX_OPS = (torch.ops.qfx.quantized_linear.default,)

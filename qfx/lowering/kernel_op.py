@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from qfx import primitives as P
 from qfx.lowering.kernels.layout import KernelWeight
 
 KERNELS = ("wint_a16", "act_quant", "hadamard_act_quant")
@@ -90,11 +91,18 @@ def _(x, data, scale, zero, bias, a_scale, kernel, bits, group, n, k, mix=None, 
     return x.new_empty((*x.shape[:-1], n), dtype=out_dtype or x.dtype)
 
 
+def quantize_rows_ref(x: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`qfx::quantize_rows` in plain PyTorch: the per-token quantizer of
+    `qfx.ops.fake_quantize_activation`, with the scales as (...) instead of (..., 1)."""
+    q, scale = P.quantize_per_token_fp8(x) if fp8 else P.quantize_per_token(x, 8)
+    return q, scale.squeeze(-1)
+
+
 @torch.library.custom_op("qfx::quantize_rows", mutates_args=())
 def quantize_rows(x: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x (..., K) -> (codes (..., K) int8 or float8_e4m3fn, scales (...) float32), per token."""
     from qfx.lowering.kernels import interpreting
-    from qfx.lowering.kernels.act_quant_gemm import quantize_rows as kernel, quantize_rows_ref
+    from qfx.lowering.kernels.act_quant_gemm import quantize_rows as kernel
 
     if not (x.is_cuda or interpreting()):
         return quantize_rows_ref(x, fp8)

@@ -12,8 +12,9 @@ still sees one input.
 A norm is found from data flow: through casts and elementwise products with a (K,) weight (or
 a scalar; Gemma's (1 + w) is one), an op that multiplies by a reciprocal square root or divides
 by a square root (RMSNorm, and LayerNorm written out) or a fused norm op. Finding one only
-decides where the quantization runs: the codes are computed from x itself either way. Inputs from anything else (attention, the gated MLP product) keep the
-quantization in the GEMM, where it costs no extra launch.
+decides where the quantization runs: the codes are computed from x itself either way. Inputs
+from anything else (attention, the gated MLP product) keep the quantization in the GEMM, where
+it costs no extra launch.
 
 Requires: `lower_kernels` has run. Guarantees: the rewritten linears compute the same codes as
 `qfx.ops.fake_quantize_activation` (the reference's quantizer), from the same normed values.

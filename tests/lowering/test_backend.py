@@ -193,3 +193,19 @@ def test_quantized_lm_head_runs_on_a_kernel(token_ids):
     assert seen[0]["backend_qfx_ops"] == seen[0]["lowered"] == 15  # 7 per layer and the head
     assert not seen[0]["unsupported"]
     assert float((out.float() - eager.float()).norm() / eager.float().norm()) < 2e-2
+
+
+def test_qfx_imports_without_triton():
+    """Triton is a test extra, not a dependency (the CPU wheel of torch does not bring it): the
+    package, its backend and the reference ops import without it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, qfx\n"
+            "assert 'qfx' in torch._dynamo.list_backends()\n"
+            "from qfx.lowering.kernel_op import quantize_rows_ref\n"
+            "q, s = quantize_rows_ref(torch.randn(3, 8), False)\n"
+            "assert q.dtype == torch.int8 and s.shape == (3,)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]

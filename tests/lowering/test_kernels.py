@@ -292,7 +292,7 @@ def test_kernel_agrees_with_op_reference():
 def test_act_quant_gemv_on_int8_codes(bits, group, cfg):
     """M = 1 with packed weights: the weight-only gemv kernel on the row's int8 codes, times the
     row scale; from float x (quantized first) and from codes (quantized in a norm's kernel)."""
-    from qfx.lowering.kernels.act_quant_gemm import quantize_rows_ref
+    from qfx.lowering.kernel_op import quantize_rows_ref
 
     kw, _ = make_weight(56, 300, bits, group, True)
     x = rand_x(1, 300, torch.bfloat16) * 3

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import qfx
-from qfx.lowering.kernels.act_quant_gemm import act_quant_linear, act_quant_ref, quantize_rows_ref
+from qfx.lowering.kernel_op import quantize_rows_ref
+from qfx.lowering.kernels.act_quant_gemm import act_quant_linear, act_quant_ref
 from qfx.lowering.kernels.tuning import Config
 from tests.lowering.test_kernels import DEVICE, TOL, make_weight, rand_x, rel_err
 

@@ -303,24 +303,12 @@ def act_quant_linear(x: torch.Tensor, kw: KernelWeight, a_scale: torch.Tensor | 
                f"{a_scale is not None}/{x2.dtype}")
         static = a_scale is not None and x2.dtype not in CODES
         cands = candidates(m, kw.group, kw.k, packed=kw.layout == "packed",
-                           scaled_mm=scaled_mm_applies(kw, None if x2.dtype in CODES else a_scale, out_dtype),
+                           scaled_mm=scaled_mm_applies(kw, a_scale if static else None, out_dtype),
                            gemv=kw.layout == "packed" and not static)
         if x2.dtype != out_dtype:  # already quantized: "prequant" has nothing left to do
             cands = list(dict.fromkeys(c._replace(variant=c.variant.replace("prequant", "tiled")) for c in cands))
         config = tuning.pick(key, cands, lambda c: launch(x2, kw, a_scale, bias, c, out_dtype))
     return launch(x2, kw, a_scale, bias, config, out_dtype).reshape(*x.shape[:-1], kw.n)
-
-
-def quantize_rows_ref(x: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantize_rows` in plain PyTorch, for x (..., K): (codes (..., K), scales (...) float32),
-    the per-token quantizer of `qfx.ops.fake_quantize_activation`."""
-    from qfx import primitives as P
-
-    if fp8:
-        scale = P.fp8_scale(x.float().abs().amax(-1, keepdim=True))
-        return P.fp8_quantize(x, scale), scale.squeeze(-1)
-    q, scale = P.quantize_per_token(x, 8)
-    return q, scale.squeeze(-1)
 
 
 def act_quant_ref(x: torch.Tensor, kw: KernelWeight, a_scale: torch.Tensor | None = None,
